@@ -1,0 +1,721 @@
+"""SoftVQ-VAE tokenizer: ViT encoder and decoder with 1-D latent tokens (paper Sec. 3.1, Fig. 2).
+
+    model = make_tokenizer("L", tokens=32)         # SoftVQ-L-32: L = 32 latent tokens of D = 64
+    z_q = model.encode(x)                          # x: (B, 3, H, W) in [-1, 1] -> (B, L, D)
+    x_rec = model.decode(z_q)                      # -> (B, 3, H, W)
+    x_rec, z_q, losses, info = model(x)            # training: z_q keeps its gradient
+
+What is in here:
+  * DINOv2-style ViT blocks (`VisionTransformer`) whose parameter names are those of the DINOv2 /
+    DINO / timm state dicts, so the original `.pth` files load without renaming.
+  * `SoftVQVAE`: encoder ViT over [cls, N image patches, L learnable latent tokens] -> the L latent
+    outputs -> `quant_conv` -> quantizer (quantizers.py) -> `post_quant_conv` -> decoder ViT over
+    [cls, N mask tokens, L latents] -> the N mask outputs -> linear head -> pixels.
+  * `TokenizerConfig`, `PRESETS` (S, B, BL, L of the paper; `tiny` for CPU), `make_config`,
+    `make_tokenizer`, `count_parameters` / `parameter_counts`.
+  * Loaders: `load_dinov2` (encoder init, alignment teacher), `load_dino` (frozen discriminator
+    backbone), `load_released` (official SoftVQ checkpoints from the model hub).
+
+Run `python tokenizer.py --count` to print the parameter count of every preset (built on the meta
+device, so it is instant). Tests: `python -m pytest -q tests/test_tokenizer.py`.
+
+This file imports only torch and the standard library (safetensors inside `load_released`).
+"""
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quantizers import QUANTIZERS
+
+# ---- architecture constants (DINOv2 / official timm ViTs) ----
+LN_EPS = 1e-6               # LayerNorm eps of DINOv2, DINO and the official tokenizer
+MLP_RATIO = 4               # MLP hidden width = 4 x width
+LAYERSCALE_INIT = 1e-5      # LayerScale init for randomly initialised blocks (DINOv2 / timm)
+INIT_STD = 0.02             # truncated-normal std of random weights and embeddings
+IN_CHANNELS = 3             # RGB
+
+# Position grids are resized like timm does it (what the official code uses when it loads DINOv2
+# and when an image size differs from the model's): bicubic with anti-aliasing.
+POS_INTERPOLATION = "bicubic"
+# FlexiViT pseudo-inverse patch-kernel resize: the resize operator whose pseudo-inverse is taken
+# (bilinear as in the FlexiViT paper; timm's checkpoint filter defaults to bicubic with
+# anti-aliasing: both give the exact pinv property for 14 -> 16, the kernels differ slightly).
+KERNEL_INTERPOLATION = "bilinear"
+
+# Sec. 4 / Table 5: 64 tokens of D = 32 or 32 tokens of D = 64 (other L need an explicit token_dim).
+TOKEN_DIMS = {64: 32, 32: 64}
+
+# ViT sizes (width, depth, heads). timm names: vit_small / vit_base / vit_large.
+VIT_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
+
+# Paper totals in millions ("Implementation Details of SoftVQ-VAE", Sec. 4.1), compared to by
+# `python tokenizer.py --count` (the paper does not say whether they hold 32 or 64 tokens).
+PAPER_PARAMS_M = {"S": 45, "B": 173, "BL": 391, "L": 608}
+
+DINOV2_SOURCE = "the DINOv2 release (github.com/facebookresearch/dinov2, dinov2_vit{s,b,l}14_pretrain.pth)"
+DINO_PATCH_SIZE = 16        # DINO v1 ViT-S/16 and ViT-B/16 (the discriminator backbone)
+DINO_PATCH16_SIZES = ("s", "b")
+DINO_SOURCE = "the DINO release (github.com/facebookresearch/dino, dino_deitsmall16_pretrain.pth)"
+
+
+# =============================================================================================
+# ViT building blocks (names follow the DINOv2 / timm state dicts)
+# =============================================================================================
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv with bias, softmax(q k^T / sqrt(head_dim)) v, output proj."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by the number of heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, S, C = x.shape
+        # (B, S, 3, heads, head_dim) -> three (B, heads, S, head_dim); default scale head_dim^-0.5
+        q, k, v = self.qkv(x).reshape(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, S, C))
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2, hidden width MLP_RATIO x width."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc1 = nn.Linear(width, MLP_RATIO * width)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(MLP_RATIO * width, width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (DINOv2); parameter name `gamma` as in the .pth."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((width,), LAYERSCALE_INIT))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
+
+    layerscale=False (DINO v1) has no ls1/ls2 parameters at all, so DINO state dicts load strictly.
+    """
+
+    def __init__(self, width, heads, layerscale=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
+        self.attn = Attention(width, heads)
+        self.ls1 = LayerScale(width) if layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
+        self.mlp = Mlp(width)
+        self.ls2 = LayerScale(width) if layerscale else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> width-dim tokens (a strided conv named `proj` as in timm)."""
+
+    def __init__(self, patch_size, width):
+        super().__init__()
+        self.proj = nn.Conv2d(IN_CHANNELS, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, width, h, w) -> (B, h*w, width)
+
+
+def resize_pos_embed(pos_embed, new_grid):
+    """Resize a (1, 1 + g*g, C) position embedding (cls first) to a new (h, w) grid.
+
+    The cls position is kept; the square grid is resized bicubically with anti-aliasing (timm's
+    default, which the official code relies on: 37x37 DINOv2 grid -> 16x16 at 256 px / patch 16).
+    """
+    old = math.isqrt(pos_embed.shape[1] - 1)
+    if old * old != pos_embed.shape[1] - 1:
+        raise ValueError(f"pos_embed with {pos_embed.shape[1]} positions is not 1 cls + a square grid")
+    if (old, old) == tuple(new_grid):
+        return pos_embed
+    cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=POS_INTERPOLATION, align_corners=False,
+                         antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
+    return torch.cat([cls_pos, grid], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """DINOv2-style ViT: cls token, learned absolute 2-D positions (cls included), pre-norm blocks.
+
+    img_size / patch_size fix the stored position grid; any other image size divisible by the patch
+    size works (the grid is resized on the fly). layerscale=False gives DINO v1 blocks.
+    patch_embed=False drops the patch embedding (the tokenizer's decoder feeds mask tokens).
+
+    Parameter names: cls_token, pos_embed, patch_embed.proj.*, blocks.{i}.{norm1, attn.qkv,
+    attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm.* (= DINOv2/DINO .pth keys).
+    """
+
+    def __init__(self, img_size, patch_size, width, depth, heads, layerscale=True, patch_embed=True):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
+        self.patch_size, self.width, self.grid = patch_size, width, img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, width) if patch_embed else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, width))
+        self.blocks = nn.ModuleList(Block(width, heads, layerscale) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=LN_EPS)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
+
+    def grid_size(self, height, width):
+        """Patch grid (h, w) of an image; ValueError unless both sides divide by the patch size."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}x{width} is not divisible by the patch size {p}; "
+                             f"allowed sizes are multiples of {p} (e.g. {p * self.grid})")
+        return height // p, width // p
+
+    def add_cls_and_pos(self, tokens, grid):
+        """[cls, tokens] + pos_embed (cls position included, timm/DINOv2 order). tokens: (B, h*w, C)."""
+        pos = resize_pos_embed(self.pos_embed, grid)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1) + pos
+
+    def embed(self, x):
+        """Images (B, 3, H, W) -> [cls, patches] with positions, (B, 1 + N, C): the input of block 0."""
+        if x.dim() != 4 or x.shape[1] != IN_CHANNELS:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        if self.patch_embed is None:
+            raise ValueError("this ViT was built with patch_embed=False and cannot embed images")
+        grid = self.grid_size(x.shape[2], x.shape[3])
+        return self.add_cls_and_pos(self.patch_embed(x), grid)
+
+    def forward(self, tokens):
+        """Blocks then the final LayerNorm over an already embedded sequence (B, S, C)."""
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def forward_features(self, x, return_blocks=None, include_embed=False):
+        """Features of images x (B, 3, H, W) for teachers and discriminators.
+
+        return_blocks=None: the final-LayerNorm tokens (B, 1 + N, C), cls first (patch tokens are
+            [:, 1:]); what the alignment teacher uses (DINOv2 last layer, normalised).
+        return_blocks=(2, 5, 8, 11): a list with the (un-normalised) output of each listed block,
+            0-based, in block order, each (B, 1 + N, C); include_embed=True puts the block-0 input
+            (patch embedding + cls + positions) first. The official DINO discriminator taps exactly
+            these: the embedding and blocks 2, 5, 8, 11 of ViT-S/16, and adds the cls token to every
+            patch token ("readout") itself. Blocks after the last tap are not run.
+        """
+        x = self.embed(x)
+        if return_blocks is None:
+            return self(x)
+        wanted = set(return_blocks)
+        if not wanted <= set(range(len(self.blocks))):
+            raise ValueError(f"return_blocks {sorted(wanted)} must be block indices in "
+                             f"0..{len(self.blocks) - 1}")
+        features = [x] if include_embed else []
+        for i, block in enumerate(self.blocks[: max(wanted, default=-1) + 1]):
+            x = block(x)
+            if i in wanted:
+                features.append(x)
+        return features
+
+
+def init_weights(module):
+    """Random init: truncated normal (std 0.02) for linear/conv weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=INIT_STD)
+        nn.init.zeros_(module.bias)
+
+
+def unpatchify(x, grid, patch_size):
+    """(B, h*w, p*p*3) -> (B, 3, h*p, w*p). Each vector is ordered (row in patch, column in patch,
+    channel), as the official decoder head: reshape (B, h, w, p, p, 3), permute to (B, 3, h, p, w, p)."""
+    (h, w), p = grid, patch_size
+    x = x.reshape(x.shape[0], h, w, p, p, IN_CHANNELS)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], IN_CHANNELS, h * p, w * p)
+
+
+# =============================================================================================
+# Config and presets
+# =============================================================================================
+@dataclass
+class TokenizerConfig:
+    """Everything needed to rebuild a SoftVQVAE (checkpoints store dataclasses.asdict of it)."""
+    image_size: int = 256           # training resolution; the stored position grid is image/patch
+    patch_size: int = 16            # Sec. 4: patch 16 (N = 256 image tokens at 256 px)
+    enc_width: int = 384
+    enc_depth: int = 12
+    enc_heads: int = 6
+    dec_width: int = 384
+    dec_depth: int = 12
+    dec_heads: int = 6
+    num_tokens: int = 64            # L latent tokens
+    token_dim: int = 32             # D channels per latent token
+    quantizer: str = "softvq"       # a key of quantizers.QUANTIZERS
+    codebook_size: int = 8192       # Table 5: K = 8192
+    num_codebooks: int = 4          # Table 5: PQ with G = 4 (official: 4 segments of the L tokens)
+    codebook_split: str = "tokens"  # "tokens" (official) or "channels" (Eq. 12)
+    residual_depth: int = 1         # RQ levels (Eq. 13); 1 = none
+    tau: Union[float, str] = 0.07   # Eq. 4 / Table 5; or "learnable"
+    posterior: str = "cosine"       # "cosine" (official), "sqeuclid", "euclid" (see quantizers.py)
+    entropy_weight: float = 0.01    # lambda_4 (Eq. 7) of the Eq. 4 "kl" term
+    entropy_temp: float = 0.01      # official: the entropy term's own temperature
+    vq_beta: float = 0.25           # VQ baseline commitment weight (Table 3)
+    kl_weight: float = 1e-6         # KL-VAE baseline weight (Table 3)
+
+
+def _vit_dims(prefix, size):
+    width, depth, heads = VIT_SIZES[size]
+    return {f"{prefix}_width": width, f"{prefix}_depth": depth, f"{prefix}_heads": heads}
+
+
+PRESETS = {
+    # Sec. 4: S / B / L use the same ViT size for encoder and decoder; BL = ViT-B enc + ViT-L dec.
+    "S": TokenizerConfig(**_vit_dims("enc", "s"), **_vit_dims("dec", "s")),
+    "B": TokenizerConfig(**_vit_dims("enc", "b"), **_vit_dims("dec", "b")),
+    "BL": TokenizerConfig(**_vit_dims("enc", "b"), **_vit_dims("dec", "l")),
+    "L": TokenizerConfig(**_vit_dims("enc", "l"), **_vit_dims("dec", "l")),
+    # CPU preset (~1M parameters): 32x32 images, 4x4 patches (N = 64 >= L), small codebooks.
+    "tiny": TokenizerConfig(image_size=32, patch_size=4, enc_width=96, enc_depth=4, enc_heads=3,
+                            dec_width=96, dec_depth=4, dec_heads=3, codebook_size=256),
+}
+
+# quantizer name -> (its keyword argument, the config field that fills it)
+QUANTIZER_ARGS = {
+    "softvq": (("codebook_size", "codebook_size"), ("num_codebooks", "num_codebooks"),
+               ("split", "codebook_split"), ("residual_depth", "residual_depth"), ("tau", "tau"),
+               ("posterior", "posterior"), ("entropy_weight", "entropy_weight"),
+               ("entropy_temp", "entropy_temp")),
+    "gmmvq": (("codebook_size", "codebook_size"), ("num_codebooks", "num_codebooks"),
+              ("split", "codebook_split"), ("residual_depth", "residual_depth"),
+              ("entropy_weight", "entropy_weight"), ("entropy_temp", "entropy_temp")),
+    "vq": (("codebook_size", "codebook_size"), ("beta", "vq_beta")),
+    "kl": (("kl_weight", "kl_weight"),),
+    "ae": (),
+}
+
+
+# =============================================================================================
+# The tokenizer
+# =============================================================================================
+class Encoder(nn.Module):
+    """ViT over [cls, N patches, L latent tokens]; returns the L latent outputs (Sec. 3.1)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.model = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.enc_width, cfg.enc_depth,
+                                       cfg.enc_heads)
+        # Sec. 3.1: L extra 1-D learnable tokens with their own 1-D learned positions.
+        self.latent_tokens = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.enc_width))
+        self.latent_pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.enc_width))
+        nn.init.trunc_normal_(self.latent_tokens, std=INIT_STD)
+        nn.init.trunc_normal_(self.latent_pos_embed, std=INIT_STD)
+
+    def forward(self, x):
+        tokens = self.model.embed(x)                                  # [cls, patches] + pos
+        latents = (self.latent_tokens + self.latent_pos_embed).expand(x.shape[0], -1, -1)
+        tokens = self.model(torch.cat([tokens, latents], dim=1))      # blocks + final LayerNorm
+        return tokens[:, -latents.shape[1]:]                          # keep the L latent outputs
+
+
+class Decoder(nn.Module):
+    """ViT over [cls, N mask tokens, L latents]; the N mask outputs regress pixels (Sec. 3.1).
+
+    The official decoder also carries a timm patch embedding that it never uses; it is not built here
+    (load_released drops it).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.model = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.dec_width, cfg.dec_depth,
+                                       cfg.dec_heads, patch_embed=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_width))
+        self.latent_pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dec_width))
+        self.to_pixel = nn.Linear(cfg.dec_width, IN_CHANNELS * cfg.patch_size ** 2)
+        nn.init.trunc_normal_(self.mask_token, std=INIT_STD)
+        nn.init.trunc_normal_(self.latent_pos_embed, std=INIT_STD)
+        init_weights(self.to_pixel)
+
+    def forward(self, z, grid):
+        """z: (B, L, dec_width) after post_quant_conv; grid: output patch grid (h, w)."""
+        num_patches = grid[0] * grid[1]
+        masks = self.mask_token.expand(z.shape[0], num_patches, -1)
+        tokens = self.model.add_cls_and_pos(masks, grid)              # [cls, masks] + 2-D pos
+        tokens = self.model(torch.cat([tokens, z + self.latent_pos_embed], dim=1))
+        pixels = self.to_pixel(tokens[:, 1:1 + num_patches])          # the N mask positions
+        return unpatchify(pixels, grid, self.patch_size)
+
+
+class SoftVQVAE(nn.Module):
+    """SoftVQ-VAE (Fig. 2): encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder.
+
+    Module names follow the official checkpoints (encoder.*, quant_conv, quantize, post_quant_conv,
+    decoder.*) so released weights map with a few documented renames (see load_released).
+    Buffers latent_mean / latent_std (scalars, default 0 / 1) carry the latent normalisation that
+    generators use, (z_q - mean) / std (Sec. 4); released checkpoints fill them from vq_mean / vq_std.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        if config.quantizer not in QUANTIZERS:
+            raise ValueError(f"unknown quantizer {config.quantizer!r}; allowed: {sorted(QUANTIZERS)}")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quant_conv = nn.Linear(config.enc_width, config.token_dim)
+        kwargs = {arg: getattr(config, field) for arg, field in QUANTIZER_ARGS[config.quantizer]}
+        self.quantize = QUANTIZERS[config.quantizer](config.token_dim, config.num_tokens, **kwargs)
+        self.post_quant_conv = nn.Linear(config.token_dim, config.dec_width)
+        self.decoder = Decoder(config)
+        init_weights(self.quant_conv)
+        init_weights(self.post_quant_conv)
+        self.register_buffer("latent_mean", torch.zeros(()))
+        self.register_buffer("latent_std", torch.ones(()))
+
+    def _encode(self, x):
+        """Images -> (z_q, losses, info) from the quantizer."""
+        z_hat = self.quant_conv(self.encoder(x))                      # (B, L, D)
+        return self.quantize(z_hat)
+
+    def encode(self, x):
+        """Images (B, 3, H, W) in [-1, 1] -> quantized latents z_q (B, L, D), not normalised.
+
+        Train/eval mode decides sampling where a quantizer has it (KL samples only in training)."""
+        return self._encode(x)[0]
+
+    def decode(self, z_q, image_size=None):
+        """Latents (B, L, D) -> images (B, 3, H, W); image_size (int or (H, W)) defaults to the
+        config's. The same L latents decode at any size divisible by the patch size."""
+        L, D = self.config.num_tokens, self.config.token_dim
+        if z_q.dim() != 3 or tuple(z_q.shape[1:]) != (L, D):
+            raise ValueError(f"decode expects latents of shape (B, {L}, {D}), got {tuple(z_q.shape)}")
+        size = self.config.image_size if image_size is None else image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        grid = self.decoder.model.grid_size(height, width)
+        return self.decoder(self.post_quant_conv(z_q), grid)
+
+    def forward(self, x):
+        """x (B, 3, H, W) -> (x_rec, z_q, losses, info); x_rec has x's size, z_q keeps its grad."""
+        z_q, losses, info = self._encode(x)
+        return self.decode(z_q, tuple(x.shape[2:])), z_q, losses, info
+
+
+def make_config(preset, tokens=64, quantizer="softvq", **overrides):
+    """TokenizerConfig of a preset with L = tokens latent tokens and the named quantizer.
+
+    tokens=64 picks D = 32 and tokens=32 picks D = 64 (Sec. 4); any other L needs token_dim=...
+    overrides: any other TokenizerConfig field (e.g. image_size=512, codebook_size=4096).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {list(PRESETS)}")
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {quantizer!r}; allowed: {sorted(QUANTIZERS)}")
+    allowed = {f.name for f in dataclasses.fields(TokenizerConfig)} - {"num_tokens", "quantizer"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown} (num_tokens and quantizer are the "
+                         f"`tokens` and `quantizer` arguments); allowed: {sorted(allowed)}")
+    token_dim = overrides.pop("token_dim", TOKEN_DIMS.get(tokens))
+    if token_dim is None:
+        raise ValueError(f"tokens={tokens} has no default token dimension (defaults exist for "
+                         f"{sorted(TOKEN_DIMS)}); pass token_dim=...")
+    return dataclasses.replace(PRESETS[preset], num_tokens=tokens, token_dim=token_dim,
+                               quantizer=quantizer, **overrides)
+
+
+def make_tokenizer(preset, tokens=64, quantizer="softvq", **overrides):
+    """Build a SoftVQVAE from a preset name, L = tokens and a quantizer name (see make_config)."""
+    return SoftVQVAE(make_config(preset, tokens, quantizer, **overrides))
+
+
+# =============================================================================================
+# Parameter counts
+# =============================================================================================
+def count_parameters(module):
+    """Number of parameters (buffers such as latent_mean / latent_std are not counted)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(presets=("S", "B", "BL", "L", "tiny"), tokens=(32, 64)):
+    """{(preset, L): {"encoder", "quantizer", "decoder", "total"}} built on the meta device.
+
+    encoder = encoder ViT + latent tokens + quant_conv; quantizer = codebooks;
+    decoder = post_quant_conv + mask token + decoder ViT (no patch embedding) + pixel head."""
+    counts = {}
+    for preset in presets:
+        for L in tokens:
+            with torch.device("meta"):
+                model = make_tokenizer(preset, tokens=L)
+            parts = {
+                "encoder": count_parameters(model.encoder) + count_parameters(model.quant_conv),
+                "quantizer": count_parameters(model.quantize),
+                "decoder": count_parameters(model.decoder) + count_parameters(model.post_quant_conv),
+            }
+            parts["total"] = sum(parts.values())
+            counts[(preset, L)] = parts
+    return counts
+
+
+def print_parameter_counts():
+    """Print the parameter table of every preset at 32 and 64 tokens next to the paper's totals."""
+    print(f"{'preset':<7}{'L':>4}{'D':>5}{'encoder':>11}{'quantizer':>11}{'decoder':>11}"
+          f"{'total':>11}{'paper':>9}")
+    for (preset, L), parts in parameter_counts().items():
+        paper = f"{PAPER_PARAMS_M[preset]}M" if preset in PAPER_PARAMS_M and L == 64 else "-"
+        print(f"{preset:<7}{L:>4}{TOKEN_DIMS[L]:>5}"
+              + "".join(f"{parts[k] / 1e6:>10.2f}M" for k in ("encoder", "quantizer", "decoder",
+                                                              "total"))
+              + f"{paper:>9}")
+
+
+# =============================================================================================
+# DINOv2 / DINO v1 weights (encoder init, alignment teacher, discriminator backbone)
+# =============================================================================================
+def resample_patch_kernel(weight, new_size):
+    """FlexiViT pseudo-inverse resize of a conv patch kernel (C, 3, h, w) -> (C, 3, n, n).
+
+    With B the (n*n, h*w) matrix of the linear resize operator (KERNEL_INTERPOLATION; column j is
+    the resize of the j-th basis patch), the new kernel is pinv(B^T) w, so that for any patch x:
+    <resize(x), w_new> = x^T B^T pinv(B^T) w = <x, w> (exact when upsampling, e.g. 14 -> 16).
+    """
+    C, I, h, w = weight.shape
+    if (h, w) == (new_size, new_size):
+        return weight
+    basis = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+    resized = F.interpolate(basis, size=(new_size, new_size), mode=KERNEL_INTERPOLATION,
+                            align_corners=False)
+    B = resized.reshape(h * w, new_size * new_size).T                # (n*n, h*w)
+    new = weight.double().reshape(C * I, h * w) @ torch.linalg.pinv(B.T).T
+    return new.reshape(C, I, new_size, new_size).to(weight.dtype)
+
+
+def _read_pth(path, what, source):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} weights not found: {path}; get the file from {source}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_vit_weights(vit, state, ignore=()):
+    """Copy a DINO/DINOv2-layout state dict into `vit` (strict), resampling what depends on size.
+
+    The patch kernel is resized to vit's patch size (resample_patch_kernel, e.g. 14 -> 16) and the
+    position grid to vit's grid (resize_pos_embed, e.g. 37x37 -> 16x16; cls position kept).
+    Keys in `ignore` are dropped first. Missing / unexpected keys or wrong shapes -> ValueError
+    naming them. Returns vit (its train mode and requires_grad are left as they were).
+    """
+    state = {k: v for k, v in state.items() if k not in ignore}
+    expected = vit.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the ViT: missing keys {missing}; "
+                         f"unexpected keys {unexpected}")
+    state["patch_embed.proj.weight"] = resample_patch_kernel(state["patch_embed.proj.weight"],
+                                                             vit.patch_size)
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], (vit.grid, vit.grid))
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+             for k, v in state.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"state dict shapes do not match the ViT: {wrong}")
+    vit.load_state_dict(state)
+    return vit
+
+
+def load_dinov2(path, model_or_size, img_size=256, patch_size=16):
+    """Load an original DINOv2 checkpoint (dinov2_vit{s,b,l}14_pretrain.pth, no registers).
+
+    model_or_size: a VisionTransformer to fill (e.g. model.encoder.model for the encoder init of
+    Sec. 4), or "s" / "b" / "l" to build one at img_size / patch_size (e.g. the frozen alignment
+    teacher of Sec. 3.3 at the training resolution with patch 16: N = (img_size / 16)^2 tokens).
+    The 14x14 kernel becomes 16x16 by the FlexiViT pseudo-inverse resize, the 37x37 position grid
+    is resized bicubically, the cls token is kept; DINOv2's `mask_token` (iBOT masking) has no use
+    here and is ignored. Returns the VisionTransformer; freezing (.eval().requires_grad_(False)) is
+    the caller's choice.
+    """
+    if not (isinstance(model_or_size, VisionTransformer) or model_or_size in VIT_SIZES):
+        raise ValueError(f"model_or_size must be a VisionTransformer or one of {list(VIT_SIZES)}, "
+                         f"got {model_or_size!r}")
+    state = _read_pth(path, "DINOv2", DINOV2_SOURCE)
+    vit = model_or_size if isinstance(model_or_size, VisionTransformer) else \
+        VisionTransformer(img_size, patch_size, *VIT_SIZES[model_or_size])
+    return load_vit_weights(vit, state, ignore=("mask_token",))
+
+
+def load_dino(path, model_or_size="s", img_size=224):
+    """Load an original DINO v1 checkpoint (dino_deitsmall16_pretrain.pth: ViT-S/16, no LayerScale,
+    pos_embed 197 = 1 + 14x14) into a VisionTransformer without LayerScale.
+
+    model_or_size: a VisionTransformer(..., layerscale=False) to fill, or "s" / "b" to build one at
+    img_size with patch 16 (the official discriminator resizes every input to 224 first).
+    Returns the VisionTransformer; use forward_features(x, return_blocks=(2, 5, 8, 11),
+    include_embed=True) for the discriminator's taps.
+    """
+    if not (isinstance(model_or_size, VisionTransformer) or model_or_size in DINO_PATCH16_SIZES):
+        raise ValueError(f"model_or_size must be a VisionTransformer or one of "
+                         f"{list(DINO_PATCH16_SIZES)}, got {model_or_size!r}")
+    state = _read_pth(path, "DINO", DINO_SOURCE)
+    vit = model_or_size if isinstance(model_or_size, VisionTransformer) else \
+        VisionTransformer(img_size, DINO_PATCH_SIZE, *VIT_SIZES[model_or_size], layerscale=False)
+    return load_vit_weights(vit, state)
+
+
+# =============================================================================================
+# Released checkpoints (official SoftVQModel: config.json + model.safetensors)
+# =============================================================================================
+# Official timm names of the ViTs (config.json encoder_model / decoder_model) -> our size key.
+RELEASED_VITS = {"vit_small_patch14_dinov2.lvd142m": "s", "vit_base_patch14_dinov2.lvd142m": "b",
+                 "vit_large_patch14_dinov2.lvd142m": "l"}
+# Key mapping official -> ours. Everything not listed keeps its name.
+RELEASED_DROPPED = (
+    "quantize.codebook_used",     # usage statistics buffer of the official quantizer
+    "decoder.model.patch_embed.",  # the official decoder's timm patch embedding, never used
+    "projection.",                # the alignment projector (training only, Sec. 3.3)
+)
+RELEASED_RENAMED = {"decoder.to_pixel.model.": "decoder.to_pixel."}  # official head wraps a Linear
+OFFICIAL_USAGE_SLOTS = 65536      # length of each official codebook_used row
+# config.json fields whose official value is the only one this loader reproduces
+RELEASED_REQUIRED_VALUES = {"enc_type": "vit", "dec_type": "vit", "use_rope": False,
+                            "use_ape": True, "to_pixel": "linear", "dec_cls_token": True,
+                            "codebook_l2_norm": True}
+
+
+def config_from_released(fields):
+    """TokenizerConfig from the fields of an official config.json (raises on what we cannot load)."""
+    needed = ("encoder_model", "decoder_model", "image_size", "enc_patch_size", "dec_patch_size",
+              "num_latent_tokens", "codebook_embed_dim", "codebook_size", "num_codebooks", "tau")
+    absent = [k for k in needed if k not in fields]
+    if absent:
+        raise ValueError(f"config.json lacks the fields {absent}")
+    for key in ("encoder_model", "decoder_model"):
+        if fields[key] not in RELEASED_VITS:
+            raise ValueError(f"config.json {key}={fields[key]!r} is not supported; allowed: "
+                             f"{list(RELEASED_VITS)}")
+    unsupported = {k: fields[k] for k, v in RELEASED_REQUIRED_VALUES.items()
+                   if k in fields and fields[k] != v}
+    if unsupported:
+        raise ValueError(f"config.json settings {unsupported} are not supported; this loader "
+                         f"needs {RELEASED_REQUIRED_VALUES}")
+    if fields["enc_patch_size"] != fields["dec_patch_size"]:
+        raise ValueError(f"enc_patch_size {fields['enc_patch_size']} != dec_patch_size "
+                         f"{fields['dec_patch_size']} is not supported")
+    return TokenizerConfig(
+        image_size=fields["image_size"], patch_size=fields["enc_patch_size"],
+        **_vit_dims("enc", RELEASED_VITS[fields["encoder_model"]]),
+        **_vit_dims("dec", RELEASED_VITS[fields["decoder_model"]]),
+        num_tokens=fields["num_latent_tokens"], token_dim=fields["codebook_embed_dim"],
+        quantizer="softvq", codebook_size=fields["codebook_size"],
+        num_codebooks=fields["num_codebooks"], codebook_split="tokens", residual_depth=1,
+        tau=fields["tau"], posterior="cosine",  # codebook_l2_norm: the cosine posterior
+        entropy_weight=fields.get("entropy_loss_ratio", TokenizerConfig.entropy_weight),
+        kl_weight=fields.get("kl_loss_weight", TokenizerConfig.kl_weight))
+
+
+def load_released_state_dict(model, state, latent_mean=0.0, latent_std=1.0):
+    """Map an official state dict onto `model` and load it strictly.
+
+    Drops RELEASED_DROPPED keys, renames RELEASED_RENAMED prefixes, fills latent_mean / latent_std;
+    any other unknown key, a missing key or a wrong shape -> ValueError naming it. Floating tensors
+    are loaded as float32. Works on a model built on the meta device (tensors are assigned).
+    """
+    mapped = {}
+    for key, value in state.items():
+        if key.startswith(RELEASED_DROPPED):
+            continue
+        for old, new in RELEASED_RENAMED.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+        mapped[key] = value.float() if value.is_floating_point() else value
+    mapped["latent_mean"] = torch.tensor(float(latent_mean))
+    mapped["latent_std"] = torch.tensor(float(latent_std))
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(mapped)), sorted(set(mapped) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"released checkpoint does not match the model: missing keys {missing}; "
+                         f"unexpected keys {unexpected}")
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+             for k, v in mapped.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"released checkpoint shapes do not match the model: {wrong}")
+    model.load_state_dict(mapped, assign=True)
+    return model
+
+
+def released_state_dict(model):
+    """Inverse mapping: our model's weights under the official names and shapes (what a released
+    model.safetensors holds, without the optional projection.*). The official-only tensors that we
+    do not use are filled with zeros: quantize.codebook_used and the decoder patch embedding."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key in ("latent_mean", "latent_std"):
+            continue                      # these travel as vq_mean / vq_std in config.json
+        for old, new in RELEASED_RENAMED.items():
+            if key.startswith(new):
+                key = old + key[len(new):]
+        state[key] = value
+    cfg, device = model.config, model.latent_mean.device
+    state["quantize.codebook_used"] = torch.zeros(cfg.num_codebooks, OFFICIAL_USAGE_SLOTS,
+                                                  device=device)
+    state["decoder.model.patch_embed.proj.weight"] = torch.zeros(
+        cfg.dec_width, IN_CHANNELS, cfg.patch_size, cfg.patch_size, device=device)
+    state["decoder.model.patch_embed.proj.bias"] = torch.zeros(cfg.dec_width, device=device)
+    return state
+
+
+def load_released(folder):
+    """Load an official released SoftVQ tokenizer from a local folder (config.json +
+    model.safetensors, e.g. a download of the SoftVQVAE/softvq-l-64 model-hub repo).
+
+    Sizes come from config.json (encoder_model / decoder_model, never from the folder name);
+    vq_mean / vq_std fill latent_mean / latent_std. Returns the model in eval mode.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"released tokenizer folder not found: {folder} (it must hold "
+                                f"config.json and model.safetensors from the model hub)")
+    paths = {name: os.path.join(folder, name) for name in ("config.json", "model.safetensors")}
+    for path in paths.values():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"released tokenizer file not found: {path}")
+    from safetensors.torch import load_file
+    with open(paths["config.json"]) as f:
+        fields = json.load(f)
+    config = config_from_released(fields)
+    with torch.device("meta"):            # no random init: every tensor comes from the file
+        model = SoftVQVAE(config)
+    load_released_state_dict(model, load_file(paths["model.safetensors"]),
+                             fields.get("vq_mean", 0.0), fields.get("vq_std", 1.0))
+    return model.eval()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", action="store_true",
+                        help="print the parameter count of every preset at 32 and 64 tokens")
+    args = parser.parse_args()
+    if args.count:
+        print_parameter_counts()
+    else:
+        parser.print_help()
