@@ -1,0 +1,13 @@
+"""Shared pytest set-up: one intra-op thread per test process.
+
+The suite runs on a 2-core CI machine; tiny models gain nothing from several threads and the
+oversubscription (several processes x several threads) made them ~3x slower in practice.
+Sub-processes started by tests (torchrun, the README pipeline) inherit OMP_NUM_THREADS.
+"""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after the env var so the thread pool honours it)
+
+torch.set_num_threads(1)
