@@ -1,0 +1,462 @@
+"""Tests of generators.py: sizes and GFLOPs of the paper's models, the training losses, the samplers
+on a toy distribution with exact denoisers, classifier-free guidance and its interval, MAR
+generation, and strict loading of released SiT/DiT weights. CPU only, tiny models, ~30 s.
+
+Run: python -m pytest -q tests/test_generators.py
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import generators as G
+
+OFFICIAL_SHAPES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
+                               "official-state-dict-shapes.json")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a shared, busy CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---- toy distribution: a 2-component Gaussian mixture in 2-D, tokens of shape (1, 2) ----
+WEIGHTS = torch.tensor([0.3, 0.7])
+MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0]])
+STD = 0.5
+NUM_SAMPLES = 4000
+
+
+def true_moments():
+    mean = (WEIGHTS[:, None] * MEANS).sum(0)
+    second = (WEIGHTS[:, None] * (MEANS ** 2 + STD ** 2)).sum(0)
+    return mean, second - mean ** 2
+
+
+def posterior_means(x_t, a, b, y):
+    """E[x | x_t] and E[eps | x_t] for x_t = a x + b eps, x from the mixture (class y picks one
+    component, the null class 2 the mixture). x_t: (N, 1, 2); a, b: (N,)."""
+    a, b = a.view(-1, 1, 1), b.view(-1, 1, 1)
+    var = a ** 2 * STD ** 2 + b ** 2                                        # (N, 1, 1)
+    diff = x_t[:, :, None, :] - a[..., None] * MEANS                         # (N, 1, K, 2)
+    logits = torch.log(WEIGHTS) - 0.5 * (diff ** 2).sum(-1) / var            # (N, 1, K)
+    one_hot = torch.nn.functional.one_hot(y.clamp(max=1), 2).bool()[:, None]
+    logits = torch.where((y < 2)[:, None, None] & ~one_hot, -math.inf, logits)
+    resp = logits.softmax(-1)[..., None]                                     # (N, 1, K, 1)
+    x0_k = MEANS + (a * STD ** 2 / var)[..., None] * diff
+    x0 = (resp * x0_k).sum(2)
+    return x0, (x_t - a * x0) / b
+
+
+def exact_eps_fn(diffusion):
+    """Exact DDPM denoiser: [epsilon, sigma-interpolation v = 0]."""
+    def model_fn(x, t, y):
+        abar = diffusion.alphas_cumprod[t.long()].float()
+        _, eps = posterior_means(x, abar.sqrt(), (1 - abar).sqrt(), y)
+        return torch.cat([eps, torch.zeros_like(eps)], dim=-1)
+    return model_fn
+
+
+def exact_velocity_fn(interpolant):
+    def model_fn(x, t, y):
+        alpha, sigma, d_alpha, d_sigma = interpolant.coefficients(t)
+        x0, eps = posterior_means(x, alpha, sigma, y)
+        return d_alpha.view(-1, 1, 1) * x0 + d_sigma.view(-1, 1, 1) * eps
+    return model_fn
+
+
+def check_moments(samples):
+    mean, var = true_moments()
+    flat = samples.reshape(-1, 2)
+    assert torch.isfinite(flat).all()
+    assert (flat.mean(0) - mean).abs().max() < 0.12, (flat.mean(0), mean)
+    assert ((flat.var(0) - var).abs() / var).max() < 0.12, (flat.var(0), var)
+    # mass of the right cluster
+    assert abs((flat[:, 0] > 0).float().mean() - WEIGHTS[1]) < 0.04
+
+
+# ---- sizes and GFLOPs (paper Sec. 4 / Table 1) ----
+
+@pytest.mark.parametrize("preset", ["DiT-XL", "SiT-XL"])
+@pytest.mark.parametrize("tokens,dim", [(32, 64), (64, 32)])
+def test_xl_params_and_gflops_match_paper(preset, tokens, dim):
+    with torch.device("meta"):
+        model = G.make_generator(preset, tokens, dim)
+    assert abs(G.count_params(model) / 675e6 - 1) < 0.01
+    total, linear, attention = G.count_macs(model)
+    assert attention == 28 * 2 * tokens ** 2 * 1152          # QK^T and AV in 28 blocks
+    paper = G.PAPER_GFLOPS[(preset, tokens)]
+    assert abs(total / 1e9 / paper - 1) < 0.02, (total / 1e9, paper)
+
+
+def test_state_dict_layout_matches_official_release():
+    """Our DiT/SiT state dicts have exactly the official names and shapes."""
+    if not os.path.isfile(OFFICIAL_SHAPES):
+        pytest.skip("reference file official-state-dict-shapes.json not present")
+    with open(OFFICIAL_SHAPES) as f:
+        official = json.load(f)
+    for name, preset, tokens, dim in (("sit-xl-64", "SiT-XL", 64, 32), ("dit-xl-32", "DiT-XL", 32, 64)):
+        with torch.device("meta"):
+            ours = {k: list(v.shape) for k, v in G.make_generator(preset, tokens, dim).state_dict().items()}
+        assert ours == official[name]
+        layout = official_layout(1152, 28, tokens, dim, learn_sigma=preset == "DiT-XL")
+        assert ours == {k: list(s) for k, s in layout.items()}
+
+
+# ---- training losses decrease on a toy problem ----
+
+@pytest.mark.parametrize("preset", ["DiT-tiny", "SiT-tiny", "MAR-tiny"])
+def test_training_loss_finite_and_decreasing(preset):
+    torch.manual_seed(0)
+    L, D, classes = 4, 4, 4
+    model = G.make_generator(preset, L, D, num_classes=classes)
+    class_means = torch.randn(classes, L, D)
+    y_all = torch.randint(0, classes, (256,))
+    data = class_means[y_all] + 0.1 * torch.randn(256, L, D)
+
+    def eval_loss():                       # same batch, same noise / t / masks every time
+        torch.manual_seed(123)
+        return sum(model.loss(data[:128], y_all[:128]).item() for _ in range(4)) / 4
+
+    before = eval_loss()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(1)
+    for step in range(40):
+        idx = torch.randint(0, 256, (64,))
+        loss = model.loss(data[idx], y_all[idx])
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    assert math.isfinite(after) and after < 0.8 * before, (before, after)
+
+
+def test_hybrid_loss_vanishes_at_the_true_posterior_and_trains_sigma_only_through_vlb():
+    diffusion = G.GaussianDiffusion(1000, "cosine", learn_sigma=True)
+    x, y = torch.randn(64, 4, 3), torch.zeros(64, dtype=torch.long)
+    seen = {}
+
+    def exact(v):        # true epsilon (recovered from x_t) and a fixed sigma interpolation v
+        def model_fn(x_t, t, y):
+            abar = diffusion.alphas_cumprod[t.long()].float().view(-1, 1, 1)
+            seen["t"] = t
+            eps = (x_t - abar.sqrt() * x) / (1 - abar).sqrt()
+            return torch.cat([eps, torch.full_like(eps, v)], dim=-1)
+        return model_fn
+
+    # v = -1 gives the posterior variance beta~_t: MSE = 0 and KL(q || p) = 0 for every t > 0
+    losses = diffusion.training_losses(exact(-1.0), x, y)
+    assert (seen["t"] > 0).any() and losses[seen["t"] > 0].abs().max() < 1e-4
+    assert diffusion.training_losses(exact(1.0), x, y).max() > 1e-4      # beta_t instead: KL > 0
+    # gradients: the VLB term reaches only the sigma channels (frozen mean)
+    out = torch.randn(64, 4, 6, requires_grad=True)
+    torch.manual_seed(0)
+    grad_hybrid, = torch.autograd.grad(diffusion.training_losses(lambda *_: out, x, y).sum(), out)
+    torch.manual_seed(0)
+    mse_only = G.GaussianDiffusion(1000, "cosine", learn_sigma=False)
+    grad_mse, = torch.autograd.grad(mse_only.training_losses(lambda *_: out[..., :3], x, y).sum(), out)
+    torch.testing.assert_close(grad_hybrid[..., :3], grad_mse[..., :3])
+    assert grad_hybrid[..., 3:].abs().sum() > 0
+
+
+# ---- samplers turn noise into the toy distribution (exact model_fn) ----
+
+def test_ddpm_sampler_matches_toy_distribution():
+    diffusion = G.GaussianDiffusion(1000, "cosine", learn_sigma=True)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(NUM_SAMPLES, 1, 2, generator=gen)
+    y = torch.full((NUM_SAMPLES,), 2)                    # null class: the full mixture
+    out = diffusion.sample(exact_eps_fn(diffusion), noise, y, y, steps=100, generator=gen)
+    check_moments(out)
+
+
+@pytest.mark.parametrize("path", ["cosine", "linear"])
+@pytest.mark.parametrize("sampler,steps", [("ode-euler", 100), ("ode-heun", 30), ("sde", 100)])
+def test_interpolant_samplers_match_toy_distribution(path, sampler, steps):
+    interpolant = G.Interpolant(path)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(NUM_SAMPLES, 1, 2, generator=gen)
+    y = torch.full((NUM_SAMPLES,), 2)
+    out = interpolant.sample(exact_velocity_fn(interpolant), noise, y, y, steps=steps, sampler=sampler,
+                             generator=gen)
+    check_moments(out)
+
+
+@pytest.mark.parametrize("path", ["cosine", "linear"])
+def test_ode_convergence_orders(path):
+    """Euler is first order (halving the step halves the error); Heun is (nearly) second order."""
+    interpolant = G.Interpolant(path)
+    fn = exact_velocity_fn(interpolant)
+    noise = torch.randn(500, 1, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.full((500,), 2)
+    reference = interpolant.sample(fn, noise, y, y, steps=400, sampler="ode-heun")
+
+    def error(sampler, steps):
+        return (interpolant.sample(fn, noise, y, y, steps=steps, sampler=sampler) - reference).abs().mean()
+
+    assert 1.6 < error("ode-euler", 10) / error("ode-euler", 20) < 2.4
+    assert error("ode-heun", 10) / error("ode-heun", 20) > 3.0
+    assert error("ode-heun", 20) < 0.25 * error("ode-euler", 20)
+
+
+def test_score_from_velocity_is_exact():
+    """score = -E[eps | x_t] / sigma_t recovered from the exact velocity, both paths."""
+    for path in ("cosine", "linear"):
+        interpolant = G.Interpolant(path)
+        x = torch.randn(64, 1, 2)
+        y = torch.full((64,), 2)
+        for t in (0.05, 0.5, 0.95, 1.0):
+            tt = torch.full((64,), t)
+            _, sigma, _, _ = interpolant.coefficients(tt)
+            _, eps = posterior_means(x, *interpolant.coefficients(tt)[:2], y)
+            v = exact_velocity_fn(interpolant)(x, tt, y)
+            torch.testing.assert_close(interpolant.score(v, x, t).float(), -eps / sigma.view(-1, 1, 1),
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_conditional_sampling_follows_class():
+    """With the exact class-conditional model, class 0 samples land in cluster 0."""
+    interpolant = G.Interpolant("cosine")
+    noise = torch.randn(500, 1, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(500, dtype=torch.long)
+    out = interpolant.sample(exact_velocity_fn(interpolant), noise, y, torch.full_like(y, 2), steps=50,
+                             sampler="ode-heun")
+    assert (out[:, 0, 0] < 0).float().mean() > 0.99
+
+
+# ---- classifier-free guidance ----
+
+def test_cfg_one_doubled_batch_and_scale_one_is_conditional():
+    calls = []
+    net = torch.nn.Linear(3, 6)
+
+    def model_fn(x, t, y):
+        calls.append(x.shape[0])
+        return net(x) * (1 + y[:, None, None].float()) + t[:, None, None]
+
+    x, t, y, y_null = torch.randn(5, 7, 3), torch.rand(5), torch.randint(0, 4, (5,)), torch.full((5,), 9)
+    cond = model_fn(x, t, y)
+    uncond = model_fn(x, t, y_null)
+    calls.clear()
+    torch.testing.assert_close(G.guided_prediction(model_fn, x, t, y, y_null, 1.0), cond)
+    assert calls == [10]                                     # one pass over the doubled batch
+    torch.testing.assert_close(G.guided_prediction(model_fn, x, t, y, y_null, 2.5),
+                               uncond + 2.5 * (cond - uncond))
+    # learned sigma: only the first 3 (epsilon) channels are guided, sigma from the cond half
+    out = G.guided_prediction(model_fn, x, t, y, y_null, 2.5, channels=3)
+    torch.testing.assert_close(out[..., :3], (uncond + 2.5 * (cond - uncond))[..., :3])
+    torch.testing.assert_close(out[..., 3:], cond[..., 3:])
+
+
+def logging_fn(inner, log):
+    def model_fn(x, t, y):
+        log.append((t[0].item(), x.shape[0], y.tolist()))
+        return inner(x, t, y)
+    return model_fn
+
+
+def test_guidance_interval_sit_and_dit():
+    B = 3
+    y = torch.tensor([0, 1, 0])
+    y_null = torch.full((B,), 2)
+    # SiT: t in [0, 1], guided iff lo <= t <= hi
+    interpolant, log = G.Interpolant("cosine"), []
+    interpolant.sample(logging_fn(exact_velocity_fn(interpolant), log), torch.randn(B, 1, 2), y, y_null,
+                       steps=10, sampler="sde", cfg_scale=2.0, guidance_interval=(0.0, 0.7))
+    assert len(log) == 10
+    for t, batch, labels in log:
+        if t <= 0.7:
+            assert batch == 2 * B and labels == y.tolist() + y_null.tolist()
+        else:                                                # outside: the conditional prediction only
+            assert batch == B and labels == y.tolist()
+    # DiT: timestep k is guided iff lo <= k / 1000 <= hi
+    diffusion, log = G.GaussianDiffusion(), []
+    diffusion.sample(logging_fn(exact_eps_fn(diffusion), log), torch.randn(B, 1, 2), y, y_null, steps=10,
+                     cfg_scale=2.0, guidance_interval=(0.2, 0.5))
+    for k, batch, _ in log:
+        assert batch == (2 * B if 0.2 <= k / 1000 <= 0.5 else B)
+    assert {b for _, b, _ in log} == {B, 2 * B}
+
+
+def test_outside_interval_equals_unguided_sampling():
+    """An interval that no ODE step falls in gives exactly the cfg = 1 (conditional) samples."""
+    interpolant = G.Interpolant("cosine")
+    noise = torch.randn(50, 1, 2)
+    y, y_null = torch.zeros(50, dtype=torch.long), torch.full((50,), 2)
+    fn = exact_velocity_fn(interpolant)
+    plain = interpolant.sample(fn, noise, y, y_null, steps=20, sampler="ode-euler")
+    empty = interpolant.sample(fn, noise, y, y_null, steps=20, sampler="ode-euler", cfg_scale=4.0,
+                               guidance_interval=(0.0, 0.0))
+    guided = interpolant.sample(fn, noise, y, y_null, steps=20, sampler="ode-euler", cfg_scale=4.0)
+    torch.testing.assert_close(empty, plain)
+    assert not torch.allclose(guided, plain)
+
+
+def test_model_sample_with_cfg_runs_for_dit_and_sit():
+    for preset, sampler in (("DiT-tiny", "ddpm"), ("SiT-tiny", "sde"), ("SiT-tiny", "ode-heun")):
+        model = G.make_generator(preset, 4, 3, num_classes=5)
+        y = torch.tensor([0, 4])
+        out = model.sample(y, steps=5, cfg_scale=1.5, guidance_interval=(0.0, 0.7), sampler=sampler,
+                           generator=torch.Generator().manual_seed(0))
+        assert out.shape == (2, 4, 3) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="ode-euler"):
+        model.sample(y, sampler="euler")
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(y, sampler="ode-euler", temperature=0.9)
+
+
+def test_bf16_autocast_loss_and_sample():
+    for preset in ("DiT-tiny", "SiT-tiny", "MAR-tiny"):
+        model = G.make_generator(preset, 4, 3, num_classes=5, head_sampling_steps=3)
+        x, y = torch.randn(8, 4, 3), torch.randint(0, 5, (8,))
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            loss = model.loss(x, y)
+            out = model.sample(y[:2], steps=3, cfg_scale=2.0)
+        loss.backward()
+        assert torch.isfinite(loss) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# ---- MAR ----
+
+def test_mar_mask_ratio_is_truncated_normal():
+    """N(1, 0.25) truncated to [0.7, 1]: mean 1 + 0.25 (phi(-1.2) - phi(0)) / (Phi(0) - Phi(-1.2))."""
+    model = G.make_generator("MAR-tiny", 4, 3, num_classes=5)
+    torch.manual_seed(0)
+    ratios = torch.tensor([model._mask_ratio() for _ in range(4000)])
+    phi = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    mean = 1 + 0.25 * (phi(-1.2) - phi(0)) / (0.5 - 0.5 * math.erfc(1.2 / math.sqrt(2)))
+    assert ratios.min() >= 0.7 and ratios.max() <= 1.0
+    assert abs(ratios.mean().item() - mean) < 0.005
+
+
+def test_mar_fills_every_token_on_the_cosine_schedule():
+    L = 16
+    model = G.make_generator("MAR-tiny", L, 3, num_classes=5)
+    written = []
+
+    def fake_head_sampler(model_fn, noise, y, y_null, **kw):
+        written.append(noise.shape[0] // 2)                  # tokens per sample in this step
+        return torch.full_like(noise, float(len(written)))   # value = step number (>= 1)
+
+    model.diffusion.sample = fake_head_sampler
+    out = model.sample(torch.tensor([1, 3]), steps=6, cfg_scale=2.0)
+    assert (out > 0).all()                                   # no position left empty
+    assert sum(written) == L and len(written) == 6
+    masked, expected = L, []
+    for step in range(6):                                    # MaskGIT cosine schedule
+        cosine = math.floor(L * math.cos(math.pi / 2 * (step + 1) / 6))
+        nxt = 0 if step == 5 else max(1, min(masked - 1, cosine))
+        expected.append(masked - nxt)
+        masked = nxt
+    assert written == expected
+    for sample in out:                                       # each step's count of tokens, per sample
+        assert [int((sample[:, 0] == s + 1).sum()) for s in range(6)] == expected
+
+
+def test_mar_generation_is_deterministic_with_a_generator():
+    torch.manual_seed(0)
+    model = G.make_generator("MAR-tiny", 8, 3, num_classes=5, head_sampling_steps=5)
+    model.train()                                            # sample() must switch dropout off
+    y = torch.tensor([0, 2, 4])
+    a = model.sample(y, cfg_scale=3.0, generator=torch.Generator().manual_seed(7))
+    b = model.sample(y, cfg_scale=3.0, generator=torch.Generator().manual_seed(7))
+    c = model.sample(y, cfg_scale=3.0, generator=torch.Generator().manual_seed(8))
+    assert model.training
+    assert a.shape == (3, 8, 3) and torch.isfinite(a).all()
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="num_iter"):
+        model.sample(y, steps=9)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        model.sample(y, guidance_interval=(0.0, 0.7))
+
+
+# ---- released SiT / DiT weights ----
+
+def official_layout(width, depth, tokens, dim, learn_sigma):
+    """Names and shapes of the official SiT-XL/1 / DiT-XL/1 state dict (reference JSON layout)."""
+    out = 2 * dim if learn_sigma else dim
+    layout = {"pos_embed": (1, tokens, width), "x_embedder.weight": (width, dim), "x_embedder.bias": (width,),
+              "t_embedder.mlp.0.weight": (width, 256), "t_embedder.mlp.0.bias": (width,),
+              "t_embedder.mlp.2.weight": (width, width), "t_embedder.mlp.2.bias": (width,),
+              "y_embedder.embedding_table.weight": (1001, width)}
+    for i in range(depth):
+        for name, shape in (("attn.qkv.weight", (3 * width, width)), ("attn.qkv.bias", (3 * width,)),
+                            ("attn.proj.weight", (width, width)), ("attn.proj.bias", (width,)),
+                            ("mlp.fc1.weight", (4 * width, width)), ("mlp.fc1.bias", (4 * width,)),
+                            ("mlp.fc2.weight", (width, 4 * width)), ("mlp.fc2.bias", (width,)),
+                            ("adaLN_modulation.1.weight", (6 * width, width)),
+                            ("adaLN_modulation.1.bias", (6 * width,))):
+            layout[f"blocks.{i}.{name}"] = shape
+    layout.update({"final_layer.linear.weight": (out, width), "final_layer.linear.bias": (out,),
+                   "final_layer.adaLN_modulation.1.weight": (2 * width, width),
+                   "final_layer.adaLN_modulation.1.bias": (2 * width,)})
+    return layout
+
+
+def write_release(folder, config, learn_sigma, drop=(), extra=()):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    state = {k: torch.randn(s) * 0.02 for k, s in official_layout(64, 2, 8, 4, learn_sigma).items()
+             if k not in drop}
+    state.update({k: torch.zeros(3) for k in extra})
+    os.makedirs(folder, exist_ok=True)
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return state
+
+
+def test_load_released_sit_and_dit(tmp_path):
+    state = write_release(tmp_path / "sit", {"num_heads": 4, "path_type": "linear", "input_size": 8}, False,
+                          extra=("projectors.0.0.weight",))
+    model = G.load_released(str(tmp_path / "sit"))
+    c = model.config
+    assert (c.arch, c.num_tokens, c.token_dim, c.width, c.depth, c.heads) == ("sit", 8, 4, 64, 2, 4)
+    assert c.path == "cosine"                      # official sampling path, whatever training used
+    for key in ("blocks.1.mlp.fc2.weight", "pos_embed", "y_embedder.embedding_table.weight"):
+        torch.testing.assert_close(model.state_dict()[key], state[key])
+    assert model.sample(torch.tensor([3]), steps=3).shape == (1, 8, 4)
+    # DiT: learned sigma in the final layer, arch from config.json's learn_sigma
+    write_release(tmp_path / "dit", {"num_heads": 4, "learn_sigma": True}, True)
+    model = G.load_released(str(tmp_path / "dit"))
+    assert (model.config.arch, model.learn_sigma) == ("dit", True)
+    # no config hints: arch from the output width
+    write_release(tmp_path / "bare", {}, True)
+    assert G.load_released(str(tmp_path / "bare")).config.arch == "dit"
+
+
+def test_load_released_is_strict(tmp_path):
+    write_release(tmp_path / "extra", {"num_heads": 4}, False, extra=("blocks.0.attn.q_norm.weight",))
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_norm\.weight"):
+        G.load_released(str(tmp_path / "extra"))
+    write_release(tmp_path / "missing", {"num_heads": 4}, False, drop=("blocks.1.attn.proj.bias",))
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.proj\.bias"):
+        G.load_released(str(tmp_path / "missing"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        G.load_released(str(tmp_path / "empty"))
+
+
+# ---- bad input ----
+
+def test_bad_names_raise_value_error():
+    with pytest.raises(ValueError, match="SiT-XL"):
+        G.make_generator("SiT-XXL", 64, 32)
+    with pytest.raises(ValueError, match="path"):
+        G.make_generator("SiT-tiny", 4, 3, pathh="linear")
+    with pytest.raises(ValueError, match="sde"):
+        G.make_generator("SiT-tiny", 4, 3, sampler="ddpm")
+    with pytest.raises(ValueError, match="cosine"):
+        G.make_generator("SiT-tiny", 4, 3, path="vp")
+    with pytest.raises(ValueError, match="dit"):
+        G.paper_cfg("sit", 128)
+    assert G.paper_cfg("sit", 64) == {"cfg_scale": 1.75, "guidance_interval": (0.0, 0.7)}
