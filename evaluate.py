@@ -1,0 +1,1012 @@
+"""Evaluation of SoftVQ-VAE tokenizers and of the generators trained on their latents.
+
+Paper: "SoftVQ-VAE: Efficient 1-Dimensional Continuous Tokenizer" (arXiv 2412.10958), Sec. 4
+("Evaluation") and App. C.3. Subcommands (`python evaluate.py <subcommand> -h` lists the flags):
+
+  gen           IS, FID, precision and recall of generated samples against a reference, with one
+                Inception pass over each set (what the ADM evaluator prints). `fid`, `is` and
+                `prec-recall` compute one of them:
+                    python evaluate.py gen samples.npz VIRTUAL_imagenet256_labeled.npz
+                    python evaluate.py fid samples_folder/ ref_stats.npz
+                    python evaluate.py is samples.npz
+  stats         mean / covariance of the Inception features of an image set, written to an
+                ADM-style `.npz` (`mu`, `sigma`) that `fid` / `gen` accept as the reference.
+  recon         rFID, PSNR, SSIM, LPIPS and codebook usage of a tokenizer on an image folder
+                (ImageNet val by default, center crop), DDP-capable:
+                    torchrun --nproc_per_node=8 evaluate.py recon --ckpt tok.pt --data-path VAL
+  linear-probe  top-1 of a parameter-free BatchNorm + linear classifier on the mean-pooled latents
+                of a frozen tokenizer (App. C.3: LAMB, lr 0.003 cosine, batch 16384, 90 epochs).
+  flops         GFLOPs (multiply-accumulates, as the paper's tables) of one forward of tokenizer
+                encoders/decoders and generators.
+  throughput    training and sampling images/s (fp32, batch 64 as Tables 1-2) on whatever device
+                is present, and the fraction of the device's measured matmul peak it reaches.
+
+Image sets are a folder of PNG files or an ADM-style `.npz` whose `arr_0` is uint8 N x H x W x 3;
+reference batches may instead hold `mu` / `sigma` (then FID uses them, as the ADM evaluator does).
+`save_images_npz` / `load_images_npz` write / read that format (`iter_images` streams it).
+
+Pretrained files are never downloaded (a missing one is a FileNotFoundError, or "needs <file>" in
+`recon`, which then reports the metrics that need no weights):
+  weights-inception-2015-12-05-6726825d.pth  (--inception, or $TORCH_HOME/hub/checkpoints/)
+      the TF-2015 FID Inception network converted by torch-fidelity, INCEPTION_URL below.
+  vgg16-397923af.pth  (--vgg, or $TORCH_HOME/hub/checkpoints/) the torchvision VGG16 for LPIPS,
+      VGG_URL below; the lpips package ships the small linear heads itself.
+
+Tests: `python -m pytest -q tests/test_evaluate.py`.
+"""
+
+import math
+import os
+import time
+import zipfile
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import training
+
+# ---- pretrained files (never downloaded: the user puts them there) ----
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 + INCEPTION_FILE)
+VGG_FILE = "vgg16-397923af.pth"
+VGG_URL = "https://download.pytorch.org/models/" + VGG_FILE
+
+# ---- metric constants ----
+FID_EPS = 1e-6              # ADM / pytorch-fid: diagonal offset when sqrtm(sigma1 sigma2) is singular
+FID_IMAG_ATOL = 1e-3        # ADM / pytorch-fid: largest tolerated imaginary part on sqrtm's diagonal
+IS_SPLITS = 10              # Inception score over 10 splits (ADM: 50K samples in chunks of 5000)
+PR_K = 3                    # Kynkaanniemi et al. 2019 / ADM evaluator: radius = 3rd nearest neighbour
+PR_BATCH = 10000            # rows / columns per distance block (ADM evaluator's batch sizes)
+PIXEL_MAX = 255.0           # PSNR / SSIM data range: uint8 images
+SSIM_WINDOW = 11            # Wang et al. 2004 (and skimage gaussian_weights=True): 11x11 Gaussian,
+SSIM_SIGMA = 1.5            # sigma 1.5,
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilisers C1 = (K1 * 255)^2, C2 = (K2 * 255)^2
+
+# ---- linear probing (App. C.3) ----
+PROBE_EPOCHS = 90
+PROBE_BATCH = 16384
+PROBE_LR = 0.003
+PROBE_INIT_STD = 0.01       # MAE linear probe: head weights ~ N(0, 0.01), bias 0
+PROBE_BN_EPS = 1e-6         # MAE linear probe: BatchNorm1d(affine=False, eps=1e-6)
+
+# ---- efficiency (Tables 1-2: fp32, batch 64) ----
+BENCH_BATCH = 64
+SAMPLING_STEPS = 250        # SiT SDE / DiT DDPM steps of the paper's samples (the models' default)
+TIMED_TRAIN_STEPS = 5       # optimizer steps timed after one warm-up step
+WARMUP_SAMPLING_STEPS = 2   # untimed sampling run first (kernel selection, allocator)
+PEAK_MATMUL = {"cpu": 1024}  # matmul size for the peak measurement (8192 on accelerators)
+PEAK_MIN_SECONDS = 1.0      # repeat the peak matmul at least this long
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and weight files
+# ---------------------------------------------------------------------------------------------
+def synchronize(device):
+    """Wait for queued kernels (timing); a no-op on the CPU."""
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
+
+
+def weight_file(filename, given=None, flag=None, url=None):
+    """Path of a pretrained file: `given`, else $TORCH_HOME/hub/checkpoints/<filename>.
+
+    Raises FileNotFoundError naming the file, where it was looked for and where to get it; we never
+    download (torch.hub / lpips / torch-fidelity would, and can hang behind a silent proxy).
+    """
+    path = given or os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if not os.path.isfile(path):
+        how = f"pass {flag} PATH or " if flag else ""
+        raise FileNotFoundError(f"needs {filename}: not found at {path}. Download it from {url} and "
+                                f"{how}put it in {os.path.dirname(path)}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Image sets: PNG folders and ADM-style .npz batches
+# ---------------------------------------------------------------------------------------------
+def to_uint8(x):
+    """Images in [-1, 1], (B, 3, H, W) float -> uint8 in [0, 255], rounded (as PNGs store them)."""
+    return ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def _check_images(images, name):
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{name}: expected uint8 images of shape (N, H, W, 3), "
+                         f"got {images.dtype} {images.shape}")
+
+
+def save_images_npz(path, images):
+    """Write uint8 images (N, H, W, 3) as `arr_0` of an ADM-style .npz (atomically)."""
+    images = np.asarray(images)
+    _check_images(images, path)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to tmp
+        np.savez(f, arr_0=images)
+    os.replace(tmp, path)
+
+
+def load_images_npz(path):
+    """Read all of `arr_0` (uint8, N x H x W x 3) of an ADM-style .npz."""
+    with np.load(path) as npz:
+        if "arr_0" not in npz:
+            raise ValueError(f"{path}: no 'arr_0' images (keys: {sorted(npz.keys())})")
+        images = npz["arr_0"]
+    _check_images(images, path)
+    return images
+
+
+def save_stats(path, mu, sigma):
+    """Write Inception statistics as the ADM reference batches store them (`mu`, `sigma`)."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma)
+    os.replace(tmp, path)
+
+
+def load_stats(path):
+    """(mu, sigma) float64 of a stats / ADM reference .npz, or None when it holds no statistics."""
+    if not (path.endswith(".npz") and os.path.isfile(path)):
+        return None
+    with np.load(path) as npz:
+        if "mu" not in npz or "sigma" not in npz:
+            return None
+        return npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+
+
+def _png_files(folder):
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
+                   for name in names if name.lower().endswith(".png"))
+    if not files:
+        raise ValueError(f"{folder}: no .png files (image sets are PNG folders or .npz with arr_0; "
+                         "JPEG changes FID, so samples must be stored losslessly)")
+    return files
+
+
+def _npz_header(f):
+    """Shape of the .npy stream `f` (positioned at its start), validated as uint8 N x H x W x 3."""
+    version = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read(f)
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+        raise ValueError(f"arr_0 must be C-ordered uint8 (N, H, W, 3), got {dtype} {shape}")
+    return shape
+
+
+def count_images(source):
+    """Number of images in a PNG folder or in `arr_0` of an .npz (without reading them)."""
+    if os.path.isdir(source):
+        return len(_png_files(source))
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{source}: no such image folder or .npz file")
+    with zipfile.ZipFile(source) as zf:
+        if "arr_0.npy" not in zf.namelist():
+            raise ValueError(f"{source}: no 'arr_0' images (it may hold only statistics mu/sigma)")
+        with zf.open("arr_0.npy") as f:
+            return _npz_header(f)[0]
+
+
+def iter_images(source, batch_size):
+    """Yield uint8 batches (B, H, W, 3) of a PNG folder or an .npz, streaming.
+
+    An .npz is read from the zip stream in batches (as the ADM evaluator does), so 50K images at
+    512 px (39 GB) never sit in memory at once.
+    """
+    from PIL import Image
+    if os.path.isdir(source):
+        files = _png_files(source)
+        for start in range(0, len(files), batch_size):
+            yield np.stack([np.asarray(Image.open(p).convert("RGB"))
+                            for p in files[start:start + batch_size]])
+        return
+    count_images(source)  # validates the file
+    with zipfile.ZipFile(source) as zf, zf.open("arr_0.npy") as f:
+        shape = _npz_header(f)
+        per_image = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - start)
+            yield np.frombuffer(bytearray(f.read(n * per_image)), np.uint8).reshape(n, *shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception features (TF-2015 FID network via torch-fidelity) and their statistics
+# ---------------------------------------------------------------------------------------------
+def load_inception(path=None, device="cpu"):
+    """The TF-2015-12-05 FID Inception network of torch-fidelity, from a local weight file.
+
+    Returns a module mapping uint8 images (B, 3, H, W) to (pool_3 (B, 2048), logits_unbiased
+    (B, 1008)); it resizes to 299 x 299 itself with TF1-compatible bilinear interpolation.
+    'logits_unbiased' (pool_3 @ W without the bias) is what the ADM evaluator's IS softmax uses.
+    """
+    path = weight_file(INCEPTION_FILE, path, "--inception", INCEPTION_URL)
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    # A path is always passed: with None torch-fidelity would try to download.
+    model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                        feature_extractor_weights_path=path)
+    return model.to(device).eval()
+
+
+class FeatureStats:
+    """Running mean and covariance of features, accumulated in float64 (sum and sum of outer
+    products, sized by the first batch), so any number of batches or DDP ranks give the statistics
+    of all images at once. Covariance with ddof = 1, as np.cov in the ADM evaluator / pytorch-fid /
+    torch-fidelity."""
+
+    def __init__(self):
+        self.n, self.sum, self.outer = 0, None, None
+
+    def update(self, feats):
+        f = feats.detach().to("cpu", torch.float64)
+        if self.sum is None:
+            self.sum = torch.zeros(f.shape[1], dtype=torch.float64)
+            self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def all_reduce(self, device):
+        """Sum over DDP ranks (a no-op without torch.distributed); every rank must have data."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.sum,
+                            self.outer.flatten()]).to(device)
+        torch.distributed.all_reduce(packed)
+        packed = packed.cpu()
+        d = self.sum.numel()
+        self.n = int(round(packed[0].item()))
+        self.sum, self.outer = packed[1:1 + d], packed[1 + d:].view(d, d)
+
+    def mean_cov(self):
+        if self.n < 2:
+            raise ValueError(f"need at least 2 images for a covariance, got {self.n}")
+        mu = self.sum / self.n
+        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.numpy(), sigma.numpy()
+
+
+@torch.no_grad()
+def inception_features(inception, source, batch_size=100, device="cpu", desc="inception"):
+    """pool_3 features (N, 2048) and logits_unbiased (N, 1008), float32 on the CPU, of an image
+    set (PNG folder / .npz path) or of a uint8 array (N, H, W, 3)."""
+    if isinstance(source, np.ndarray):
+        _check_images(source, "images")
+        total = len(source)
+        batches = (source[i:i + batch_size] for i in range(0, total, batch_size))
+    else:
+        total = count_images(source)
+        batches = iter_images(source, batch_size)
+    feats, logits = [], []
+    with tqdm(total=total, desc=desc, unit="img", disable=total <= batch_size) as bar:
+        for batch in batches:
+            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)
+            f, l = inception(x)
+            feats.append(f.float().cpu())
+            logits.append(l.float().cpu())
+            bar.update(len(batch))
+    return torch.cat(feats), torch.cat(logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation metrics: FID, IS, precision / recall (ADM evaluator conventions)
+# ---------------------------------------------------------------------------------------------
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017), float64.
+
+    As the ADM evaluator / pytorch-fid: scipy.linalg.sqrtm; a non-finite root is retried with
+    FID_EPS added to both diagonals; the small imaginary part that sqrtm leaves from round-off is
+    dropped, and a large one (a numerical failure) is an error.
+    """
+    mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
+    sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * FID_EPS
+        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=FID_IMAG_ATOL):
+            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, splits=IS_SPLITS):
+    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016) per split; (mean, std) over splits.
+
+    `logits`: the Inception 'logits_unbiased' (N, 1008). As the ADM evaluator, splits are
+    consecutive chunks of the samples (no shuffling) and p(y) is each split's mean; float64.
+    """
+    logits = torch.as_tensor(logits).double()
+    n = logits.shape[0]
+    if n < splits:
+        raise ValueError(f"inception score over {splits} splits needs >= {splits} samples, got {n}")
+    log_p = logits.log_softmax(dim=1)
+    scores = []
+    for i in range(splits):
+        part = log_p[i * n // splits:(i + 1) * n // splits]
+        log_py = part.exp().mean(0).log()                     # log p(y) of this split
+        kl = (part.exp() * (part - log_py)).sum(1).mean()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _sq_dists(a, b):
+    """Squared Euclidean distances (rows of a) x (rows of b), float32, clamped at 0."""
+    d = a.pow(2).sum(1, keepdim=True) - 2.0 * a @ b.T + b.pow(2).sum(1)[None]
+    return d.clamp_min_(0.0)
+
+
+def manifold_radii(feats, k=PR_K, batch_size=PR_BATCH, device="cpu"):
+    """Squared distance of every feature to its k-th nearest neighbour in the same set (itself,
+    at distance 0, not counted), computed block by block: (batch x batch) at a time."""
+    feats = feats.float()
+    radii = []
+    for rows in tqdm(feats.split(batch_size), desc="radii", disable=len(feats) <= batch_size):
+        rows = rows.to(device)
+        # the k + 1 smallest of every column block, then of their union: no N x N matrix
+        best = torch.cat([_sq_dists(rows, cols.to(device)).topk(k + 1, dim=1, largest=False).values
+                          for cols in feats.split(batch_size)], dim=1)
+        radii.append(best.topk(k + 1, dim=1, largest=False).values[:, k].cpu())
+    return torch.cat(radii)
+
+
+def _inside(queries, feats, radii, batch_size, device):
+    """Fraction of `queries` inside the union of balls (feats_j, radius_j)."""
+    hits = []
+    for rows in queries.float().split(batch_size):
+        rows, hit = rows.to(device), torch.zeros(len(rows), dtype=torch.bool, device=device)
+        for cols, r in zip(feats.float().split(batch_size), radii.split(batch_size)):
+            hit |= (_sq_dists(rows, cols.to(device)) <= r.to(device)[None]).any(dim=1)
+        hits.append(hit.cpu())
+    return torch.cat(hits).double().mean().item()
+
+
+def precision_recall(real, fake, k=PR_K, batch_size=PR_BATCH, device="cpu"):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) on Inception pool_3 features.
+
+    Precision: fraction of generated samples inside the real manifold (the union of balls around
+    real features reaching their k-th neighbour); recall: fraction of real samples inside the
+    generated manifold. k = 3 as the ADM evaluator.
+    """
+    r_real = manifold_radii(real, k, batch_size, device)
+    r_fake = manifold_radii(fake, k, batch_size, device)
+    precision = _inside(fake, real, r_real, batch_size, device)
+    recall = _inside(real, fake, r_fake, batch_size, device)
+    return precision, recall
+
+
+GEN_METRICS = ("is", "fid", "prec-recall")
+
+
+def generation_metrics(samples, ref, metrics=GEN_METRICS, inception=None, batch_size=100,
+                       device="cpu"):
+    """IS / FID / precision-recall of `samples` (PNG folder or .npz) against `ref` (PNG folder,
+    .npz images, .npz statistics, or None for IS alone), with one Inception pass over each set.
+    `inception`: the network (load_inception) or the path of its weight file (None: the default
+    place). Returns a dict."""
+    unknown = set(metrics) - set(GEN_METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; allowed: {GEN_METRICS}")
+    if ("fid" in metrics or "prec-recall" in metrics) and ref is None:
+        raise ValueError("FID and precision/recall need a reference set (ref)")
+    count_images(samples)  # a missing or malformed set fails before anything is loaded
+    ref_stats = load_stats(ref) if ref is not None else None
+    ref_needs_images = "prec-recall" in metrics or ("fid" in metrics and ref_stats is None)
+    if ref_needs_images:
+        count_images(ref)  # fails before the long pass when ref holds only mu / sigma
+    if not isinstance(inception, nn.Module):
+        inception = load_inception(inception, device)
+    feats, logits = inception_features(inception, samples, batch_size, device, "samples")
+    out = {"num_samples": len(feats)}
+    if "is" in metrics:
+        out["inception_score"], out["inception_score_std"] = inception_score(logits)
+    if ref_needs_images:
+        ref_feats, _ = inception_features(inception, ref, batch_size, device, "reference")
+        out["num_reference"] = len(ref_feats)
+    if "fid" in metrics:
+        stats = FeatureStats()
+        stats.update(feats)
+        if ref_stats is None:  # ADM: the mu / sigma of a reference file win over its images
+            ref_acc = FeatureStats()
+            ref_acc.update(ref_feats)
+            ref_stats = ref_acc.mean_cov()
+        out["fid"] = frechet_distance(*stats.mean_cov(), *ref_stats)
+    if "prec-recall" in metrics:
+        out["precision"], out["recall"] = precision_recall(ref_feats, feats, device=device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstruction metrics: PSNR, SSIM, LPIPS, codebook usage
+# ---------------------------------------------------------------------------------------------
+def psnr(a, b):
+    """Per-image PSNR (dB) of uint8 images (B, 3, H, W), on [0, 255]; inf for identical images."""
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(PIXEL_MAX ** 2 / mse)
+
+
+def _gaussian_window(device):
+    x = torch.arange(SSIM_WINDOW, dtype=torch.float64, device=device) - (SSIM_WINDOW - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * SSIM_SIGMA ** 2))
+    return g / g.sum()
+
+
+def ssim(a, b):
+    """Per-image SSIM (Wang et al. 2004) of uint8 images (B, 3, H, W) on [0, 255], float64.
+
+    11x11 Gaussian window with sigma 1.5, K1 = 0.01, K2 = 0.03, population (co)variances, the map
+    averaged over the positions where the window fits (no padding), per RGB channel, then over
+    channels: skimage's structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=255, channel_axis=-1). (The official code passes
+    data_range=2.0 for images on [0, 255]: we do not copy that.)
+    """
+    if min(a.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {a.shape}")
+    x, y = a.double(), b.double()
+    C = x.shape[1]
+    g = _gaussian_window(x.device)
+    def blur(t):  # separable valid Gaussian filter, per channel
+        t = F.conv2d(t, g.view(1, 1, -1, 1).expand(C, 1, -1, 1).contiguous(), groups=C)
+        return F.conv2d(t, g.view(1, 1, 1, -1).expand(C, 1, 1, -1).contiguous(), groups=C)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (SSIM_K1 * PIXEL_MAX) ** 2, (SSIM_K2 * PIXEL_MAX) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+def load_lpips(vgg_path=None, device="cpu"):
+    """LPIPS (Zhang et al. 2018, VGG variant) built offline from a local VGG16 file.
+
+    lpips.LPIPS(net='vgg') would download VGG16 through torchvision; we build it with random VGG
+    weights (pnet_rand=True; the package's own linear heads still load) and copy the torchvision
+    `features.*` tensors into its five slices, which keep torchvision's layer indices.
+    Inputs of the returned module: images in [-1, 1]; output (B, 1, 1, 1).
+    """
+    path = weight_file(VGG_FILE, vgg_path, "--vgg", VGG_URL)
+    import lpips
+    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    vgg = torch.load(path, map_location="cpu", weights_only=True)
+    slices = {name.split(".")[1]: name.split(".")[0] for name in model.net.state_dict()}
+    state = {}
+    for key, value in vgg.items():
+        part, index, kind = key.split(".")
+        if part == "features":  # the classifier is not part of LPIPS
+            state[f"{slices[index]}.{index}.{kind}"] = value
+    model.net.load_state_dict(state, strict=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def codebook_hits(quantizer, z_hat):
+    """Bool (codebooks, K): which codewords are the argmax of at least one token of z_hat.
+
+    SoftVQ / GMMVQ: argmax of the posterior q of every token at every residual level (Eq. 13);
+    VQ: the nearest codeword. None for quantizers without a codebook (KL, AE).
+    """
+    import quantizers
+    if isinstance(quantizer, quantizers.VectorQuantizer):
+        idx = quantizer.nearest(z_hat).flatten()
+        return torch.zeros(1, quantizer.codebook_size, dtype=torch.bool,
+                           device=idx.device).index_fill_(1, idx, True)
+    if not hasattr(quantizer, "assign"):
+        return None
+    G, K = quantizer.num_codebooks, quantizer.codebook_size
+    hits = torch.zeros(G, K, dtype=torch.bool, device=z_hat.device)
+    r = z_hat
+    for _ in range(quantizer.residual_depth):
+        z, probs, _ = quantizer.assign(r)                      # probs (B, G, N, K)
+        idx = probs.argmax(-1).transpose(0, 1).reshape(G, -1)  # (G, B * N)
+        hits.scatter_(1, idx, True)
+        r = r - z
+    return hits
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probing (App. C.3): parameter-free BatchNorm + linear layer, LAMB, cosine lr
+# ---------------------------------------------------------------------------------------------
+class LAMB(torch.optim.Optimizer):
+    """LAMB (You et al. 2020, Algorithm 2): Adam's bias-corrected update plus decoupled weight
+    decay, rescaled per parameter tensor by the trust ratio ||w|| / ||update|| (1 when either is
+    0, e.g. a zero-initialised bias). torch has no LAMB; App. C.3 uses it for linear probing."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                m, v, t = state["m"], state["v"], state["step"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + group["eps"])
+                update.add_(p, alpha=group["weight_decay"])
+                w_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+                p.add_(update * trust, alpha=-group["lr"])
+
+
+def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=PROBE_EPOCHS,
+                       batch_size=PROBE_BATCH, lr=PROBE_LR, weight_decay=0.0, device="cpu", seed=0):
+    """Train BatchNorm1d(affine=False) + Linear on fixed features (N, D); returns val top-1 (%).
+
+    App. C.3 (the MAE / DAE / REPA protocol): 90 epochs, batch 16384, LAMB, cosine decay from
+    lr 0.003 to 0 over all steps, no warm-up. The paper names no weight decay: 0 by default.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dim = train_x.shape[1]
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=PROBE_BN_EPS),
+                         nn.Linear(dim, num_classes)).to(device)
+    nn.init.normal_(head[1].weight, std=PROBE_INIT_STD, generator=g)
+    nn.init.zeros_(head[1].bias)
+    opt = LAMB(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(train_x) / batch_size)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    train_x, train_y = train_x.float().to(device), train_y.long().to(device)
+    head.train()
+    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=epochs < 10):
+        order = torch.randperm(len(train_x), generator=g).to(device)
+        for idx in order.split(batch_size):
+            if len(idx) < 2:  # BatchNorm statistics need two samples
+                continue
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    head.eval()
+    with torch.no_grad():
+        pred = torch.cat([head(x.float().to(device)).argmax(1).cpu() for x in val_x.split(batch_size)])
+    return 100.0 * (pred == val_y.long().cpu()).double().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers and data for `recon` / `linear-probe`
+# ---------------------------------------------------------------------------------------------
+BUILTIN_VAL_SEED = 1        # --data-path builtin: held-out generated images (training uses seed 0)
+SUBSET_SEED = 0             # --num-images / --max-*-images: a fixed random subset of the data set
+
+
+def load_tokenizer_from_args(args):
+    """A train_tok.py checkpoint (--ckpt, EMA weights) or a released folder (--released)."""
+    if (args.ckpt is None) == (args.released is None):
+        raise ValueError("pass exactly one of --ckpt (train_tok.py checkpoint) or --released "
+                         "(folder with config.json + model.safetensors)")
+    if args.ckpt is not None:
+        return training.load_tokenizer(args.ckpt, ema=True)
+    import tokenizer
+    return tokenizer.load_released(args.released)
+
+
+def subset_indices(length, limit, rank=0, world_size=1):
+    """This rank's share of all indices, or of a fixed random subset of `limit` of them (a plain
+    prefix of an ImageFolder would hold only its first classes). No padding: every image once."""
+    if limit and limit < length:
+        indices = torch.randperm(length, generator=torch.Generator().manual_seed(SUBSET_SEED))
+        indices = indices[:limit].sort().values.tolist()
+    else:
+        indices = list(range(length))
+    return indices[rank::world_size]
+
+
+def make_loader(dataset, indices, global_batch, world_size, num_workers):
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+                                       batch_size=max(1, global_batch // world_size),
+                                       num_workers=num_workers, shuffle=False)
+
+
+def _optional(loader_fn, path, device):
+    """A weight-file-backed metric network, or the "needs <file>" message when its file is absent."""
+    try:
+        return loader_fn(path, device), None
+    except FileNotFoundError as err:
+        return None, str(err)
+
+
+def _all_reduce(t, device):
+    """Sum a CPU tensor over DDP ranks; unchanged without torch.distributed."""
+    if not torch.distributed.is_initialized():
+        return t
+    t = t.to(device)
+    torch.distributed.all_reduce(t)
+    return t.cpu()
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, loader, device, inception=None, lpips_model=None, show=True):
+    """rFID / PSNR / SSIM / LPIPS / codebook usage of `model` on this rank's `loader`, reduced over
+    all DDP ranks. Every metric is computed on the uint8-rounded images (what a saved PNG holds);
+    rFID compares the Inception statistics of the originals with those of their reconstructions.
+    Returns a dict (rFID / LPIPS only when their networks are given)."""
+    real_stats, rec_stats = FeatureStats(), FeatureStats()
+    sums = torch.zeros(4, dtype=torch.float64)          # images, PSNR, SSIM, LPIPS
+    hits, captured = None, []
+    # the quantizer's input z_hat, for the dataset-level codebook usage
+    hook = model.quantize.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
+    try:
+        for x, _ in tqdm(loader, desc="recon", unit="batch", disable=not show):
+            x = x.to(device)
+            rec = model.decode(model.encode(x))
+            batch_hits = codebook_hits(model.quantize, captured.pop())
+            if batch_hits is not None:
+                hits = batch_hits if hits is None else hits | batch_hits
+            real8, rec8 = to_uint8(x), to_uint8(rec)
+            sums[0] += len(x)
+            sums[1] += psnr(real8, rec8).sum().item()
+            sums[2] += ssim(real8, rec8).sum().item()
+            if lpips_model is not None:
+                sums[3] += lpips_model(real8.float() / 127.5 - 1, rec8.float() / 127.5 - 1).sum().item()
+            if inception is not None:
+                real_stats.update(inception(real8)[0])
+                rec_stats.update(inception(rec8)[0])
+    finally:
+        hook.remove()
+    sums = _all_reduce(sums, device)
+    n = sums[0].item()
+    out = {"num_images": int(n), "psnr": sums[1].item() / n, "ssim": sums[2].item() / n}
+    if lpips_model is not None:
+        out["lpips"] = sums[3].item() / n
+    if hits is not None:
+        hits = _all_reduce(hits.to(torch.int32).cpu(), device) > 0    # used on any rank
+        out["codebook_usage"] = hits.float().mean().item()  # fraction of all G x K codewords used
+    if inception is not None:
+        real_stats.all_reduce(device)
+        rec_stats.all_reduce(device)
+        out["rfid"] = frechet_distance(*real_stats.mean_cov(), *rec_stats.mean_cov())
+    return out
+
+
+@torch.no_grad()
+def encode_latents(model, loader, device, pool="mean", show=True):
+    """Pooled latents (N, D) for mean, (N, L*D) for flatten, and labels of every image of every
+    DDP rank (gathered on all ranks; order: rank by rank)."""
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc="encode", unit="batch", disable=not show):
+        z = model.encode(x.to(device)).float()             # z_q (B, L, D), before normalisation
+        feats.append((z.mean(1) if pool == "mean" else z.flatten(1)).cpu())
+        labels.append(torch.as_tensor(y))
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if torch.distributed.is_initialized():
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (feats, labels))
+        feats, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return feats, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Efficiency: GFLOPs per forward and throughput (Tables 1-2)
+# ---------------------------------------------------------------------------------------------
+def count_macs(fn, *args):
+    """Multiply-accumulates (FLOPs / 2, the paper's "GFLOPs") of fn(*args), by torch's
+    FlopCounterMode. Attention runs on the math backend while counting: the fused CPU kernel has
+    no FLOP formula and would count as 0."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops() / 2
+
+
+def tokenizer_macs(preset, tokens, image_size):
+    """(encoder, decoder) multiply-accumulates of one image for a tokenizer preset.
+
+    The ViTs are built on the meta device (no memory, instant); the quantizer, whose forward
+    switches autocast off (unsupported on meta), runs on small CPU tensors. Encoder = ViT +
+    quant_conv + quantizer; decoder = post_quant_conv + ViT + pixel head."""
+    import tokenizer
+    with torch.device("meta"):
+        model = tokenizer.make_tokenizer(preset, tokens=tokens, image_size=image_size).eval()
+    cfg = model.config
+    x = torch.empty(1, 3, image_size, image_size, device="meta")
+    vit = count_macs(lambda: model.quant_conv(model.encoder(x)))
+    quantizer = model.quantize.to_empty(device="cpu")
+    for p in quantizer.parameters():
+        nn.init.zeros_(p)
+    quant = count_macs(quantizer, torch.zeros(1, cfg.num_tokens, cfg.token_dim))
+    dec = count_macs(model.decode, torch.empty(1, cfg.num_tokens, cfg.token_dim, device="meta"))
+    return vit + quant, dec
+
+
+def generator_macs(preset, tokens, token_dim):
+    """Multiply-accumulates of one network forward at batch 1 (generators.count_macs; MAR: all L
+    tokens known, one diffusion-head evaluation per token), built on the meta device."""
+    import generators
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with torch.device("meta"):
+        model = generators.make_generator(preset, tokens, token_dim)
+    with sdpa_kernel(SDPBackend.MATH):
+        return generators.count_macs(model)[0]
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peak_flops(device, dtype):
+    """FLOP/s of a large square matmul in `dtype` on `device`: the bound used for the fraction."""
+    n = PEAK_MATMUL.get(device.type, 8192)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b                                                   # warm-up
+    synchronize(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < PEAK_MIN_SECONDS:
+        a @ b
+        synchronize(device)
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def time_training(model, batch, steps, device, dtype):
+    """Images/s of training steps (loss, backward, AdamW) after one warm-up step."""
+    c = model.config
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, c.num_tokens, c.token_dim, device=device)
+    y = torch.randint(0, c.num_classes, (batch,), device=device)
+    model.train()
+    for i in range(steps + 1):
+        if i == 1:                                          # step 0 is the warm-up
+            synchronize(device)
+            start = time.perf_counter()
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model.loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    synchronize(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def time_sampling(model, batch, steps, device, dtype):
+    """(images/s, network forward rows per image) of `model.sample` with the paper's CFG (one
+    doubled batch; SiT guided only inside its interval), after a short warm-up run."""
+    import generators
+    c = model.config
+    cfg = generators.paper_cfg(c.arch, c.num_tokens)
+    y = torch.randint(0, c.num_classes, (batch,), device=device)
+    rows = []
+    hook = model.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    try:
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
+            model.sample(y, steps=WARMUP_SAMPLING_STEPS, **cfg)
+            rows.clear()
+            synchronize(device)
+            start = time.perf_counter()
+            model.sample(y, steps=steps, **cfg)
+            synchronize(device)
+    finally:
+        hook.remove()
+    return batch / (time.perf_counter() - start), sum(rows) / batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------------------------
+def report(results, out=None):
+    """Print `name: value` lines (rank 0) and write them as JSON to `out` when given."""
+    if not training.is_rank0():
+        return
+    for key, value in results.items():
+        print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}", flush=True)
+    if out:
+        import json
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def main_gen(args):
+    """gen / fid / is / prec-recall."""
+    metrics = {"gen": GEN_METRICS, "fid": ("fid",), "is": ("is",),
+               "prec-recall": ("prec-recall",)}[args.command]
+    device = training.setup_ddp()[3]
+    try:
+        report(generation_metrics(args.samples, getattr(args, "ref", None), metrics, args.inception,
+                                  args.batch_size, device), args.out)
+    finally:
+        training.cleanup_ddp()
+
+
+def main_stats(args):
+    device = training.setup_ddp()[3]
+    try:
+        feats, _ = inception_features(load_inception(args.inception, device), args.source,
+                                      args.batch_size, device)
+        stats = FeatureStats()
+        stats.update(feats)
+        save_stats(args.out, *stats.mean_cov())
+        print(f"wrote mu / sigma of {stats.n} images to {args.out}")
+    finally:
+        training.cleanup_ddp()
+
+
+def main_recon(args):
+    rank, _, world, device = training.setup_ddp()
+    try:
+        model = load_tokenizer_from_args(args).to(device).eval()
+        dataset = data.make_dataset(args.data_path, model.config.image_size, train=False,
+                                    seed=BUILTIN_VAL_SEED)
+        loader = make_loader(dataset, subset_indices(len(dataset), args.num_images, rank, world),
+                             args.batch_size, world, args.num_workers)
+        inception, no_inception = _optional(load_inception, args.inception, device)
+        lpips_model, no_lpips = _optional(load_lpips, args.vgg, device)
+        results = reconstruction_metrics(model, loader, device, inception, lpips_model, rank == 0)
+        report(results, args.out)
+        for name, missing in (("rFID", no_inception), ("LPIPS", no_lpips)):
+            if missing:
+                training.print0(f"{name}: {missing}")
+    finally:
+        training.cleanup_ddp()
+
+
+def main_linear_probe(args):
+    rank, _, world, device = training.setup_ddp()
+    try:
+        model = load_tokenizer_from_args(args).to(device).eval()
+        size = model.config.image_size
+        splits = {}
+        for name, path, limit, seed in (("train", args.train_path, args.max_train_images, 0),
+                                        ("val", args.val_path, args.max_val_images, BUILTIN_VAL_SEED)):
+            dataset = data.make_dataset(path, size, train=False, seed=seed)  # centre crops
+            loader = make_loader(dataset, subset_indices(len(dataset), limit, rank, world),
+                                 args.batch_size, world, args.num_workers)
+            splits[name] = encode_latents(model, loader, device, args.pool, rank == 0)
+            if name == "train":
+                num_classes = len(dataset.classes)
+        if rank == 0:
+            top1 = train_linear_probe(*splits["train"], *splits["val"], num_classes, args.epochs,
+                                      args.probe_batch_size, args.lr, args.weight_decay, device)
+            report({"train_images": len(splits["train"][0]), "val_images": len(splits["val"][0]),
+                    "feature_dim": splits["train"][0].shape[1], "top1": top1}, args.out)
+    finally:
+        training.cleanup_ddp()
+
+
+def main_flops(args):
+    import tokenizer
+    print(f"{'tokenizer':9} {'L':>3} {'D':>3} {'encoder':>8} {'decoder':>8}   "
+          f"(GFLOPs = multiply-accumulates of one {args.image_size}px image)")
+    for preset in args.tokenizers:
+        for L in args.tokens:
+            enc, dec = tokenizer_macs(preset, L, args.image_size)
+            print(f"{preset:9} {L:>3} {tokenizer.TOKEN_DIMS[L]:>3} {enc / 1e9:8.2f} {dec / 1e9:8.2f}")
+    import generators
+    print(f"{'generator':9} {'L':>3} {'D':>3} {'GFLOPs':>8} {'paper':>8}   (one forward, batch 1)")
+    for preset in args.models:
+        for L in args.tokens:
+            paper = generators.PAPER_GFLOPS.get((preset, L))
+            macs = generator_macs(preset, L, tokenizer.TOKEN_DIMS[L])
+            print(f"{preset:9} {L:>3} {tokenizer.TOKEN_DIMS[L]:>3} {macs / 1e9:8.2f} "
+                  f"{'-' if paper is None else f'{paper:.2f}':>8}")
+
+
+def main_throughput(args):
+    import generators
+    import tokenizer
+    device = training.setup_ddp()[3]
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    peak = peak_flops(device, dtype)
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads")
+    print(f"device: {name}, {args.dtype}, matmul peak {peak / 1e12:.3f} TFLOP/s")
+    print(f"{'model':8} {'L':>3} {'batch':>5} {'steps':>5} {'train img/s':>11} {'sample img/s':>12} "
+          f"{'fwd/img':>7} {'TFLOP/s':>8} {'of peak':>7}")
+    for preset in args.models:
+        for L in args.tokens:
+            D = tokenizer.TOKEN_DIMS[L]
+            with torch.device(device):
+                model = generators.make_generator(preset, L, D)
+            steps = args.steps or (L if model.config.arch == "mar" else model.config.sampling_steps)
+            train = (f"{time_training(model, args.batch, args.train_steps, device, dtype):11.2f}"
+                     if args.train_steps else "-")
+            sample, rows = time_sampling(model, args.batch, steps, device, dtype)
+            if model.config.arch == "mar":  # encoder length and head calls vary per step
+                achieved, fraction = "-", "-"
+            else:  # every forward row: one network forward over L tokens, 2 FLOPs per MAC
+                flops = generator_macs(preset, L, D) * 2 * rows * sample
+                achieved, fraction = f"{flops / 1e12:8.3f}", f"{flops / peak:7.1%}"
+            print(f"{preset:8} {L:>3} {args.batch:>5} {steps:>5} {train:>11} {sample:12.3f} "
+                  f"{rows:7.0f} {achieved:>8} {fraction:>7}", flush=True)
+            del model
+
+
+COMMANDS = {"gen": main_gen, "fid": main_gen, "is": main_gen, "prec-recall": main_gen,
+            "stats": main_stats, "recon": main_recon, "linear-probe": main_linear_probe,
+            "flops": main_flops, "throughput": main_throughput}
+
+
+def main(args):
+    COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, out=True):
+        p.add_argument("--inception", default=None,
+                       help=f"{INCEPTION_FILE} (default: $TORCH_HOME/hub/checkpoints/)")
+        p.add_argument("--batch-size", type=int, default=100, help="images per Inception batch")
+        if out:
+            p.add_argument("--out", default=None, help="also write the results to this JSON file")
+
+    for name, text in (("gen", "IS, FID, precision and recall"), ("fid", "FID"),
+                       ("prec-recall", "precision and recall (k = 3)")):
+        p = sub.add_parser(name, help=f"{text} of samples against a reference")
+        p.add_argument("samples", help="PNG folder or .npz (arr_0 uint8 N x H x W x 3)")
+        p.add_argument("ref", help="PNG folder, .npz images, or .npz statistics (mu, sigma)")
+        common(p)
+    p = sub.add_parser("is", help="Inception score (10 splits)")
+    p.add_argument("samples", help="PNG folder or .npz (arr_0 uint8 N x H x W x 3)")
+    common(p)
+    p = sub.add_parser("stats", help="write mu / sigma of an image set (an FID reference)")
+    p.add_argument("source", help="PNG folder or .npz images")
+    p.add_argument("out", help="output .npz")
+    common(p, out=False)
+
+    def tokenizer_args(p):
+        p.add_argument("--ckpt", default=None, help="train_tok.py checkpoint (its EMA weights)")
+        p.add_argument("--released", default=None, help="released folder: config.json + model.safetensors")
+        p.add_argument("--batch-size", type=int, default=64, help="global batch (split over ranks)")
+        p.add_argument("--num-workers", type=int, default=8)
+        p.add_argument("--out", default=None, help="also write the results to this JSON file")
+
+    p = sub.add_parser("recon", help="rFID, PSNR, SSIM, LPIPS, codebook usage of a tokenizer")
+    tokenizer_args(p)
+    p.add_argument("--data-path", default=None,
+                   help=f"ImageFolder of evaluation images (ImageNet val), or '{data.BUILTIN}'")
+    p.add_argument("--num-images", type=int, default=0, help="a fixed random subset (0: all)")
+    p.add_argument("--inception", default=None, help=f"{INCEPTION_FILE} (rFID)")
+    p.add_argument("--vgg", default=None, help=f"{VGG_FILE} (LPIPS)")
+
+    p = sub.add_parser("linear-probe", help="linear probing of mean-pooled tokenizer latents")
+    tokenizer_args(p)
+    p.add_argument("--train-path", default=None, help=f"ImageFolder (ImageNet train) or '{data.BUILTIN}'")
+    p.add_argument("--val-path", default=None, help=f"ImageFolder (ImageNet val) or '{data.BUILTIN}'")
+    p.add_argument("--max-train-images", type=int, default=0, help="a fixed random subset (0: all)")
+    p.add_argument("--max-val-images", type=int, default=0, help="a fixed random subset (0: all)")
+    p.add_argument("--pool", choices=("mean", "flatten"), default="mean",
+                   help="mean over the L tokens (D features) or all L x D values")
+    p.add_argument("--epochs", type=int, default=PROBE_EPOCHS)
+    p.add_argument("--probe-batch-size", type=int, default=PROBE_BATCH)
+    p.add_argument("--lr", type=float, default=PROBE_LR)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+
+    p = sub.add_parser("flops", help="GFLOPs (multiply-accumulates) per forward")
+    p.add_argument("--tokenizers", nargs="+", default=["S", "B", "BL", "L"])
+    p.add_argument("--models", nargs="+", default=["DiT-XL", "SiT-XL", "MAR-H"])
+    p.add_argument("--tokens", type=int, nargs="+", choices=(64, 32), default=[64, 32],
+                   help="latent tokens L (D = 32 for 64, 64 for 32)")
+    p.add_argument("--image-size", type=int, default=256)
+
+    p = sub.add_parser("throughput", help="training / sampling images/s and fraction of peak")
+    p.add_argument("--models", nargs="+", default=["SiT-XL", "DiT-XL"])
+    p.add_argument("--tokens", type=int, nargs="+", choices=(64, 32), default=[64, 32],
+                   help="latent tokens L (D = 32 for 64, 64 for 32)")
+    p.add_argument("--batch", type=int, default=BENCH_BATCH)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default: the model's, {SAMPLING_STEPS} for DiT / SiT)")
+    p.add_argument("--train-steps", type=int, default=TIMED_TRAIN_STEPS,
+                   help="timed training steps (0: no training measurement)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    main(parser.parse_args())
