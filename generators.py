@@ -396,8 +396,10 @@ class GaussianDiffusion:
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
         betas = 1 - abar / abar_prev
         post_var = betas * (1 - abar_prev) / (1 - abar)
-        # the posterior variance is 0 at the first step: clip its log to the next value (iDDPM)
-        post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+        # the posterior variance is 0 at the first step: clip its log to the next value (iDDPM);
+        # a one-step chain has no next value, and its variance is never used (no noise at i = 0)
+        first = post_var[1:2] if len(post_var) > 1 else betas[:1]
+        post_logvar = torch.log(torch.cat([first, post_var[1:]]))
         return dict(
             sqrt_abar=abar.sqrt(), sqrt_1m_abar=(1 - abar).sqrt(),
             sqrt_recip_abar=(1 / abar).sqrt(), sqrt_recipm1_abar=(1 / abar - 1).sqrt(),
@@ -405,7 +407,7 @@ class GaussianDiffusion:
             coef_xt=(1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
             post_logvar=post_logvar, log_beta=torch.log(betas),
             # fixed "large" variance (DiT with learn_sigma=False): beta_t, first step beta~_1
-            fixed_logvar=torch.log(torch.cat([post_var[1:2], betas[1:]])))
+            fixed_logvar=torch.log(torch.cat([first, betas[1:]])))
 
     def _p_mean_logvar(self, out, x_t, i, c):
         """Mean and log-variance of p(x_{t-1} | x_t) from the model output; i indexes chain c."""
@@ -907,7 +909,9 @@ def count_macs(model, batch=1, n_keep=None):
     dev = next(model.parameters()).device
     x = torch.zeros(batch, c.num_tokens, c.token_dim, device=dev)
     y = torch.zeros(batch, dtype=torch.long, device=dev)
-    with FlopCounterMode(display=False) as counter:
+    # the math SDPA backend: fused CPU/GPU attention kernels have no FLOP formula and count as 0
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         if c.arch == "mar":
             n_keep = c.num_tokens if n_keep is None else n_keep
             keep = torch.arange(n_keep, device=dev).expand(batch, -1)
