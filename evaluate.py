@@ -93,6 +93,16 @@ def synchronize(device):
         getattr(torch, device.type).synchronize(device)
 
 
+def _all_reduce(t, device):
+    """Sum a CPU tensor over DDP ranks (through `device`: NCCL needs GPU tensors); unchanged
+    without a process group."""
+    if not torch.distributed.is_initialized():
+        return t
+    t = t.to(device)
+    torch.distributed.all_reduce(t)
+    return t.cpu()
+
+
 def weight_file(filename, given=None, flag=None, url=None):
     """Path of a pretrained file: `given`, else $TORCH_HOME/hub/checkpoints/<filename>.
 
@@ -251,13 +261,11 @@ class FeatureStats:
         self.outer += f.T @ f
 
     def all_reduce(self, device):
-        """Sum over DDP ranks (a no-op without torch.distributed); every rank must have data."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        """Sum over DDP ranks (a no-op without a process group); every rank must have data."""
+        if not torch.distributed.is_initialized():
             return
-        packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.sum,
-                            self.outer.flatten()]).to(device)
-        torch.distributed.all_reduce(packed)
-        packed = packed.cpu()
+        packed = _all_reduce(torch.cat([torch.tensor([float(self.n)], dtype=torch.float64),
+                                        self.sum, self.outer.flatten()]), device)
         d = self.sum.numel()
         self.n = int(round(packed[0].item()))
         self.sum, self.outer = packed[1:1 + d], packed[1 + d:].view(d, d)
@@ -498,17 +506,9 @@ def codebook_hits(quantizer, z_hat):
         idx = quantizer.nearest(z_hat).flatten()
         return torch.zeros(1, quantizer.codebook_size, dtype=torch.bool,
                            device=idx.device).index_fill_(1, idx, True)
-    if not hasattr(quantizer, "assign"):
+    if not hasattr(quantizer, "residual_assign"):
         return None
-    G, K = quantizer.num_codebooks, quantizer.codebook_size
-    hits = torch.zeros(G, K, dtype=torch.bool, device=z_hat.device)
-    r = z_hat
-    for _ in range(quantizer.residual_depth):
-        z, probs, _ = quantizer.assign(r)                      # probs (B, G, N, K)
-        idx = probs.argmax(-1).transpose(0, 1).reshape(G, -1)  # (G, B * N)
-        hits.scatter_(1, idx, True)
-        r = r - z
-    return hits
+    return quantizer.codebook_hits(quantizer.residual_assign(z_hat)[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,15 +622,6 @@ def _optional(loader_fn, path, device):
         return None, str(err)
 
 
-def _all_reduce(t, device):
-    """Sum a CPU tensor over DDP ranks; unchanged without torch.distributed."""
-    if not torch.distributed.is_initialized():
-        return t
-    t = t.to(device)
-    torch.distributed.all_reduce(t)
-    return t.cpu()
-
-
 @torch.no_grad()
 def reconstruction_metrics(model, loader, device, inception=None, lpips_model=None, show=True):
     """rFID / PSNR / SSIM / LPIPS / codebook usage of `model` on this rank's `loader`, reduced over
@@ -709,32 +700,24 @@ def count_macs(fn, *args):
 def tokenizer_macs(preset, tokens, image_size):
     """(encoder, decoder) multiply-accumulates of one image for a tokenizer preset.
 
-    The ViTs are built on the meta device (no memory, instant); the quantizer, whose forward
-    switches autocast off (unsupported on meta), runs on small CPU tensors. Encoder = ViT +
-    quant_conv + quantizer; decoder = post_quant_conv + ViT + pixel head."""
+    Built and run on the meta device (no memory, instant). Encoder = ViT + quant_conv +
+    quantizer; decoder = post_quant_conv + ViT + pixel head."""
     import tokenizer
     with torch.device("meta"):
         model = tokenizer.make_tokenizer(preset, tokens=tokens, image_size=image_size).eval()
-    cfg = model.config
-    x = torch.empty(1, 3, image_size, image_size, device="meta")
-    vit = count_macs(lambda: model.quant_conv(model.encoder(x)))
-    quantizer = model.quantize.to_empty(device="cpu")
-    for p in quantizer.parameters():
-        nn.init.zeros_(p)
-    quant = count_macs(quantizer, torch.zeros(1, cfg.num_tokens, cfg.token_dim))
-    dec = count_macs(model.decode, torch.empty(1, cfg.num_tokens, cfg.token_dim, device="meta"))
-    return vit + quant, dec
+        cfg = model.config
+        x = torch.empty(1, 3, image_size, image_size)
+        z = torch.empty(1, cfg.num_tokens, cfg.token_dim)
+    return count_macs(model.encode, x), count_macs(model.decode, z)
 
 
 def generator_macs(preset, tokens, token_dim):
     """Multiply-accumulates of one network forward at batch 1 (generators.count_macs; MAR: all L
     tokens known, one diffusion-head evaluation per token), built on the meta device."""
     import generators
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     with torch.device("meta"):
         model = generators.make_generator(preset, tokens, token_dim)
-    with sdpa_kernel(SDPBackend.MATH):
-        return generators.count_macs(model)[0]
+    return generators.count_macs(model)[0]
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

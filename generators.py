@@ -328,8 +328,9 @@ def _randn(shape, like, generator):
 
 
 def _expand(a, x):
-    """Per-sample coefficients (N,) (CPU float64 tables) -> broadcastable to x, on x's device."""
-    return a.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    """Per-sample coefficients (N,) (CPU float64 tables) -> broadcastable to x, on x's device.
+    The host-to-device copy is asynchronous: no device sync in the training / sampling loops."""
+    return a.to(device=x.device, dtype=x.dtype, non_blocking=True).view(-1, *([1] * (x.dim() - 1)))
 
 
 def _check_interval(guidance_interval):
@@ -374,21 +375,24 @@ class GaussianDiffusion:
     The model returns epsilon (D channels), plus with learn_sigma D channels v in [-1, 1] that
     interpolate log-variance between the posterior variance beta~_t and beta_t (Nichol & Dhariwal
     Eq. 15). Loss = MSE(eps) + (T / 1000) * L_vlb term with the mean frozen, i.e. lambda = 0.001 on
-    the T-term VLB (iDDPM Sec. 3.1; DiT `RESCALED_MSE`). Sampling respaces to fewer steps."""
+    the T-term VLB (iDDPM Sec. 3.1; DiT `RESCALED_MSE`). Sampling respaces to fewer steps.
+    The schedule tables are float64 on the CPU (also when the model is built inside a
+    `torch.device(...)` context): they are indexed by CPU timestep indices and copied per use."""
 
     def __init__(self, num_steps=1000, schedule="cosine", learn_sigma=True):
         if schedule not in NOISE_SCHEDULES:
             raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {schedule!r}")
         self.num_steps, self.learn_sigma = num_steps, learn_sigma
-        steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        steps = torch.arange(num_steps + 1, dtype=torch.float64, device="cpu") / num_steps
         if schedule == "cosine":   # Nichol & Dhariwal Eq. 17
             abar = torch.cos((steps + COSINE_S) / (1 + COSINE_S) * math.pi / 2) ** 2
             betas = (1 - abar[1:] / abar[:-1]).clamp(max=MAX_BETA)
         else:                      # DDPM linear schedule, scaled to num_steps as in DiT
             scale = 1000 / num_steps
-            betas = torch.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=torch.float64)
+            betas = torch.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=torch.float64,
+                                   device="cpu")
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-        self.train_coefs = self._coefficients(torch.arange(num_steps))
+        self.train_coefs = self._coefficients(torch.arange(num_steps, device="cpu"))
 
     def _coefficients(self, timesteps):
         """Posterior coefficients for the (respaced) chain visiting `timesteps` (increasing)."""
@@ -425,8 +429,8 @@ class GaussianDiffusion:
     def training_losses(self, model_fn, x, y):
         """Per-sample hybrid loss (B,) at t ~ U{0..T-1}."""
         c, D = self.train_coefs, x.shape[-1]
-        t = torch.randint(0, self.num_steps, (x.shape[0],), device=x.device)
-        i = t.cpu()
+        i = torch.randint(0, self.num_steps, (x.shape[0],), device="cpu")  # indexes the CPU tables
+        t = i.to(x.device, non_blocking=True)
         noise = torch.randn_like(x)
         x_t = _expand(c["sqrt_abar"][i], x) * x + _expand(c["sqrt_1m_abar"][i], x) * noise
         out = model_fn(x_t, t.float(), y).to(x.dtype)
@@ -452,7 +456,8 @@ class GaussianDiffusion:
         lo, hi = _check_interval(guidance_interval)
         if not 1 <= steps <= self.num_steps:
             raise ValueError(f"steps must be in [1, {self.num_steps}], got {steps}")
-        timesteps = torch.linspace(0, self.num_steps - 1, steps, dtype=torch.float64).round().long()
+        timesteps = torch.linspace(0, self.num_steps - 1, steps, dtype=torch.float64,
+                                   device="cpu").round().long()
         c = self._coefficients(timesteps)
         x, D = noise, noise.shape[-1]
         for i in reversed(range(steps)):
@@ -460,7 +465,8 @@ class GaussianDiffusion:
             t = torch.full((x.shape[0],), float(k), device=x.device)
             scale = cfg_scale if lo <= k / self.num_steps <= hi else 1.0
             out = _predict(model_fn, x, t, y, y_null, scale, channels=D).to(x.dtype)
-            mean, logvar = self._p_mean_logvar(out, x, torch.full((x.shape[0],), i), c)
+            rows = torch.full((x.shape[0],), i, device="cpu")    # CPU index into the chain tables
+            mean, logvar = self._p_mean_logvar(out, x, rows, c)
             if i > 0:
                 mean = mean + torch.exp(0.5 * logvar) * temperature * _randn(x.shape, x, generator)
             x = mean
@@ -600,7 +606,8 @@ class DiT(nn.Module):
         return self.final_layer(x, c)
 
     def loss(self, x, y):
-        """Training loss on normalised latents x (B, L, D); labels dropped to null w.p. 0.1."""
+        """Training loss on normalised latents x (B, L, D); labels dropped to the null class with
+        probability class_dropout (0.1) for classifier-free guidance."""
         drop = torch.rand(y.shape[0], device=y.device) < self.config.class_dropout
         y = torch.where(drop, torch.full_like(y, self.config.num_classes), y)
         return self.algorithm.training_losses(self, x, y).mean()
@@ -718,8 +725,10 @@ class MAR(nn.Module):
 
     def _mask_ratio(self):
         """One ratio per batch from N(1, 0.25) truncated to [mask_ratio_min, 1] (inverse CDF)."""
-        lo = torch.special.ndtr(torch.tensor((self.config.mask_ratio_min - 1.0) / MASK_RATIO_STD))
-        u = lo + torch.rand(()) * (0.5 - lo)                  # ndtr(0) = 0.5 is the upper end
+        # on the CPU whatever the default device: .item() below then needs no device sync
+        lo = torch.special.ndtr(torch.tensor((self.config.mask_ratio_min - 1.0) / MASK_RATIO_STD,
+                                             device="cpu"))
+        u = lo + torch.rand((), device="cpu") * (0.5 - lo)    # ndtr(0) = 0.5 is the upper end
         return (1.0 + MASK_RATIO_STD * torch.special.ndtri(u)).clamp(self.config.mask_ratio_min, 1.0).item()
 
     def loss(self, x, y):
@@ -803,14 +812,19 @@ def build_generator(config):
     return MAR(config) if config.arch == "mar" else DiT(config)
 
 
-def make_generator(preset, num_tokens, token_dim, num_classes=1000, **overrides):
-    """Network of a named preset for L = num_tokens latents of D = token_dim channels."""
-    if preset not in GEN_PRESETS:
-        raise ValueError(f"unknown generator preset {preset!r}; choose from {sorted(GEN_PRESETS)}")
+def _check_overrides(overrides):
+    """ValueError naming any key that is not a GeneratorConfig field."""
     allowed = {f.name for f in fields(GeneratorConfig)}
     unknown = set(overrides) - allowed
     if unknown:
         raise ValueError(f"unknown GeneratorConfig fields {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def make_generator(preset, num_tokens, token_dim, num_classes=1000, **overrides):
+    """Network of a named preset for L = num_tokens latents of D = token_dim channels."""
+    if preset not in GEN_PRESETS:
+        raise ValueError(f"unknown generator preset {preset!r}; choose from {sorted(GEN_PRESETS)}")
+    _check_overrides(overrides)
     config = replace(GEN_PRESETS[preset], num_tokens=num_tokens, token_dim=token_dim,
                      num_classes=num_classes, **overrides)
     return build_generator(config)
@@ -839,7 +853,9 @@ def load_released(folder, **overrides):
     `learn_sigma` (the DiT class's), else DiT when sigma is learned and SiT otherwise. SiT samples
     with the cosine path, as the official README does for its released SiT models (override with
     path="linear"). Strict: missing or unexpected keys and shape mismatches raise ValueError
-    naming them (`projectors.*` is skipped, see IGNORED_RELEASED_PREFIXES)."""
+    naming them (`projectors.*` is skipped, see IGNORED_RELEASED_PREFIXES). overrides: other
+    GeneratorConfig fields (sampling settings such as path or sampling_steps)."""
+    _check_overrides(overrides)
     paths = {name: os.path.join(folder, name) for name in ("config.json", "model.safetensors")}
     missing_files = [p for p in paths.values() if not os.path.isfile(p)]
     if missing_files:

@@ -22,9 +22,11 @@ from its config. The file imports only torch; there is nothing to run here (test
 
 Numerics: the soft assignments are computed in float32 (float64 stays float64) with autocast
 turned off, because logits are cosines divided by tau = 0.07 and, in the entropy term, by 0.01 —
-bfloat16 would round them to a handful of distinct values. z_q comes back in that dtype.
+bfloat16 would round them to a handful of distinct values. z_q comes back in that dtype. Devices
+without autocast (the meta device used for parameter and FLOP counts) run the same code as is.
 """
 
+import contextlib
 import math
 
 import torch
@@ -48,6 +50,21 @@ OMEGA_MIN = 1e-2           # GMMVQ: floor of the inverse temperature, so omega(z
 LOGVAR_RANGE = (-30.0, 20.0)  # KL: clamp of log-variance (as in the LDM KL-VAE), keeps exp() finite
 
 
+def _check_positive_ints(owner, **values):
+    """Raise a clear ValueError unless every value is an int >= 1 (bool is not accepted)."""
+    for arg, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {arg} must be a positive integer, got {value!r}")
+
+
+def _check_number(owner, arg, value, positive=False):
+    """Raise a clear ValueError unless value is a number >= 0 (> 0 when positive=True)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{owner}: {arg} must be a number {'>' if positive else '>='} 0, "
+                         f"got {value!r}")
+
+
 def _check_input(z_hat, num_tokens, dim, name):
     """Raise a clear ValueError unless z_hat has shape (B, num_tokens, dim)."""
     if z_hat.dim() != 3 or z_hat.shape[1] != num_tokens or z_hat.shape[2] != dim:
@@ -58,6 +75,14 @@ def _check_input(z_hat, num_tokens, dim, name):
 def _compute_dtype(z_hat):
     """float32 for half/bfloat16/float32 inputs, float64 for float64 (see the header)."""
     return torch.promote_types(z_hat.dtype, torch.float32)
+
+
+def _autocast_off(device):
+    """Context that turns autocast off on `device` (see the header); a no-op on devices that have
+    no autocast, such as meta, where torch.autocast(device_type="meta") would raise."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _mean_cos(a, b):
@@ -74,7 +99,8 @@ def _entropy(p):
 # SoftVQ and GMMVQ: soft assignment to a learnable codebook (shared machinery)
 # =============================================================================================
 class _SoftCodebook(nn.Module):
-    """Product/residual soft quantization; subclasses only say how sharp the posterior is.
+    """Product/residual soft quantization; subclasses only say how sharp the posterior is
+    (inverse_temperature) and what to log about it (_temperature_info).
 
     Groups (product quantization, Eq. 12): the latent is cut into G = num_codebooks groups, each
     with its own codebook of K codewords.
@@ -95,10 +121,8 @@ class _SoftCodebook(nn.Module):
                  posterior, entropy_weight, entropy_temp):
         super().__init__()
         name = type(self).__name__
-        for arg, value in (("dim", dim), ("num_tokens", num_tokens), ("codebook_size", codebook_size),
-                           ("num_codebooks", num_codebooks), ("residual_depth", residual_depth)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {arg} must be a positive integer, got {value!r}")
+        _check_positive_ints(name, dim=dim, num_tokens=num_tokens, codebook_size=codebook_size,
+                             num_codebooks=num_codebooks, residual_depth=residual_depth)
         if split not in SPLITS:
             raise ValueError(f"{name}: split must be one of {SPLITS}, got {split!r}")
         if split == "tokens" and num_tokens % num_codebooks:
@@ -111,12 +135,8 @@ class _SoftCodebook(nn.Module):
                              f"divisors of {dim}, or use split='tokens'")
         if posterior not in POSTERIORS:
             raise ValueError(f"{name}: posterior must be one of {POSTERIORS}, got {posterior!r}")
-        if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, (int, float)) \
-                or entropy_weight < 0:
-            raise ValueError(f"{name}: entropy_weight must be a number >= 0, got {entropy_weight!r}")
-        if isinstance(entropy_temp, bool) or not isinstance(entropy_temp, (int, float)) \
-                or entropy_temp <= 0:
-            raise ValueError(f"{name}: entropy_temp must be a number > 0, got {entropy_temp!r}")
+        _check_number(name, "entropy_weight", entropy_weight)
+        _check_number(name, "entropy_temp", entropy_temp, positive=True)
 
         self.dim, self.num_tokens = dim, num_tokens
         self.codebook_size, self.num_codebooks = codebook_size, num_codebooks
@@ -153,6 +173,10 @@ class _SoftCodebook(nn.Module):
         """Multiplier of the scores, broadcastable to (B, G, N, K): 1/tau or omega(r)."""
         raise NotImplementedError
 
+    def _temperature_info(self, z_hat):
+        """Detached scalar diagnostics of the temperature for `info`."""
+        raise NotImplementedError
+
     # ---- one level of soft quantization ----
     def assign(self, r):
         """Softly quantize r (B, L, D) with the codebooks (Eq. 4 / Eq. 11, grouped as Eq. 12).
@@ -165,7 +189,7 @@ class _SoftCodebook(nn.Module):
         Computed in float32 (float64 stays float64) with autocast off.
         """
         dtype = _compute_dtype(r)
-        with torch.autocast(device_type=r.device.type, enabled=False):
+        with _autocast_off(r.device):
             r = r.to(dtype)
             parts = self._split(r)                                   # (B, G, N, d)
             C = self.codewords(dtype)                                # (G, K, d)
@@ -185,6 +209,23 @@ class _SoftCodebook(nn.Module):
             z = self._merge(torch.einsum("bgnk,gkd->bgnd", probs, C))  # Eq. 4: z = q C
         return z, probs, scores
 
+    def residual_assign(self, z_hat):
+        """All residual levels (RQ, Eq. 13): z_0 = 0, r_0 = z_hat, z_l = z_{l-1} + SoftVQ(r_{l-1}).
+
+        The residual is what is still unexplained: r_l = r_{l-1} - SoftVQ(r_{l-1}) (= z_hat - z_l;
+        Eq. 13 prints r_l = r_{l-1} - z_l, which differs from level 2 on; see README).
+        residual_depth = 1 is plain SoftVQ (with PQ when num_codebooks > 1).
+        Returns (z_q (B, L, D), [probs of each level], [scores of each level]) (see assign).
+        """
+        z_q, r = 0.0, z_hat
+        all_probs, all_scores = [], []
+        for _ in range(self.residual_depth):
+            z, probs, scores = self.assign(r)
+            z_q, r = z_q + z, r - z
+            all_probs.append(probs)
+            all_scores.append(scores)
+        return z_q, all_probs, all_scores
+
     def _entropy_loss(self, scores):
         """Eq. 4 "kl" term H(q) - H(E_batch q) (derivation Eq. 10), weighted by lambda_4.
 
@@ -200,16 +241,26 @@ class _SoftCodebook(nn.Module):
         batch = _entropy(probs.mean(dim=0))                                 # H(E_batch q)
         return self.entropy_weight * (per_token - batch)
 
+    def _rows_per_codebook(self, probs):
+        """Posteriors of all levels as (G, rows, K): the rows that each codebook scored."""
+        G, K = self.num_codebooks, self.codebook_size
+        return torch.cat([q.transpose(0, 1).reshape(G, -1, K) for q in probs], dim=1)
+
+    @torch.no_grad()
+    def codebook_hits(self, probs):
+        """Bool (G, K): which codewords are the argmax of at least one row of the posteriors
+        `probs` (the list that residual_assign returns). evaluate.py ORs these over a data set."""
+        p = self._rows_per_codebook(probs)
+        return torch.zeros(p.shape[0], p.shape[2], dtype=torch.bool, device=p.device).scatter_(
+            1, p.argmax(dim=-1), True)
+
     @torch.no_grad()
     def _codebook_info(self, probs):
         """usage, perplexity and max_prob from the posteriors of all levels."""
-        G, K = self.num_codebooks, self.codebook_size
-        # rows per codebook: (G, rows, K), levels concatenated
-        p = torch.cat([q.transpose(0, 1).reshape(G, -1, K) for q in probs], dim=1)
-        hits = torch.zeros(G, K, device=p.device).scatter_(1, p.argmax(dim=-1), 1.0)
+        p = self._rows_per_codebook(probs)
         return {
             # fraction of the G*K codewords that are the argmax of at least one token in the batch
-            "usage": (hits > 0).float().mean(),
+            "usage": self.codebook_hits(probs).float().mean(),
             # exp(entropy) of the batch-averaged posterior, per codebook, mean over codebooks
             "perplexity": _entropy(p.mean(dim=1)).exp().mean(),
             # mean over tokens of max_k q_k: 1 = hard VQ, 1/K = uniform
@@ -218,20 +269,7 @@ class _SoftCodebook(nn.Module):
 
     def forward(self, z_hat):
         _check_input(z_hat, self.num_tokens, self.dim, type(self).__name__)
-        # Residual quantization, Eq. 13: z_0 = 0, r_0 = z_hat, z_l = z_{l-1} + SoftVQ(r_{l-1}).
-        # The residual is what is still unexplained: r_l = r_{l-1} - SoftVQ(r_{l-1}) (= z_hat - z_l;
-        # Eq. 13 prints r_l = r_{l-1} - z_l, which differs from level 2 on; see README).
-        # residual_depth = 1 is plain SoftVQ (with PQ when num_codebooks > 1).
-        z_q = torch.zeros((), dtype=_compute_dtype(z_hat), device=z_hat.device)
-        r = z_hat
-        all_probs, all_scores = [], []
-        for _ in range(self.residual_depth):
-            z, probs, scores = self.assign(r)
-            z_q = z_q + z
-            r = r - z
-            all_probs.append(probs)
-            all_scores.append(scores)
-
+        z_q, all_probs, all_scores = self.residual_assign(z_hat)
         losses = {}
         if self.entropy_weight > 0:
             losses["entropy"] = self._entropy_loss(all_scores)
@@ -276,12 +314,13 @@ class SoftVQ(_SoftCodebook):
         return self.fixed_tau if self.log_tau is None else self.log_tau.exp()
 
     def inverse_temperature(self, r):
-        tau = self.tau
-        return 1.0 / (tau if self.log_tau is None else tau.to(r.dtype))
+        return 1.0 / self.fixed_tau if self.log_tau is None else (-self.log_tau).exp().to(r.dtype)
 
     def _temperature_info(self, z_hat):
-        tau = self.fixed_tau if self.log_tau is None else self.log_tau.detach().exp().item()
-        return {"tau": torch.tensor(tau, device=self.embedding.device)}
+        # a detached device tensor either way: no .item(), so no device sync per step
+        if self.log_tau is None:
+            return {"tau": torch.full((), self.fixed_tau, device=z_hat.device)}
+        return {"tau": self.log_tau.detach().exp()}
 
 
 class GMMVQ(_SoftCodebook):
@@ -307,7 +346,7 @@ class GMMVQ(_SoftCodebook):
 
     def omega(self, r):
         """Inverse temperatures, (B, G, N, 1): one per row of the posterior."""
-        with torch.autocast(device_type=r.device.type, enabled=False):
+        with _autocast_off(r.device):
             r = r.to(_compute_dtype(r))
             w = F.softplus(F.linear(r, self.omega_head.weight.to(r.dtype),
                                     self.omega_head.bias.to(r.dtype))) + OMEGA_MIN
@@ -330,11 +369,9 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, dim, num_tokens, codebook_size=CODEBOOK_SIZE, beta=VQ_BETA):
         super().__init__()
-        for arg, value in (("dim", dim), ("num_tokens", num_tokens), ("codebook_size", codebook_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"VectorQuantizer: {arg} must be a positive integer, got {value!r}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
-            raise ValueError(f"VectorQuantizer: beta must be a number >= 0, got {beta!r}")
+        _check_positive_ints("VectorQuantizer", dim=dim, num_tokens=num_tokens,
+                             codebook_size=codebook_size)
+        _check_number("VectorQuantizer", "beta", beta)
         self.dim, self.num_tokens, self.codebook_size, self.beta = dim, num_tokens, codebook_size, beta
         self.embedding = nn.Parameter(
             torch.empty(codebook_size, dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size))
@@ -342,7 +379,7 @@ class VectorQuantizer(nn.Module):
     def nearest(self, z_hat):
         """Index (B, L) of the nearest codeword (squared Euclidean distance) of every token."""
         dtype = _compute_dtype(z_hat)
-        with torch.autocast(device_type=z_hat.device.type, enabled=False):
+        with _autocast_off(z_hat.device):
             z, C = z_hat.to(dtype), self.embedding.to(dtype)
             d2 = z.pow(2).sum(-1, keepdim=True) - 2.0 * z @ C.t() + C.pow(2).sum(-1)
         return d2.argmin(dim=-1)
@@ -358,7 +395,9 @@ class VectorQuantizer(nn.Module):
         }
         z_q = z_hat + (z - z_hat).detach()  # straight-through: forward z, backward identity
         with torch.no_grad():
-            counts = torch.bincount(idx.flatten(), minlength=self.codebook_size).float()
+            idx = idx.flatten()   # codeword counts (scatter_add, unlike bincount, also runs on meta)
+            counts = torch.zeros(self.codebook_size, device=idx.device).scatter_add_(
+                0, idx, torch.ones_like(idx, dtype=torch.float32))
             info = {
                 "usage": (counts > 0).float().mean(),
                 "perplexity": _entropy(counts / counts.sum()).exp(),
@@ -377,18 +416,15 @@ class DiagonalGaussian(nn.Module):
 
     def __init__(self, dim, num_tokens, kl_weight=KL_WEIGHT):
         super().__init__()
-        for arg, value in (("dim", dim), ("num_tokens", num_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DiagonalGaussian: {arg} must be a positive integer, got {value!r}")
-        if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or kl_weight < 0:
-            raise ValueError(f"DiagonalGaussian: kl_weight must be a number >= 0, got {kl_weight!r}")
+        _check_positive_ints("DiagonalGaussian", dim=dim, num_tokens=num_tokens)
+        _check_number("DiagonalGaussian", "kl_weight", kl_weight)
         self.dim, self.num_tokens, self.kl_weight = dim, num_tokens, kl_weight
         self.moments = nn.Linear(dim, 2 * dim)
 
     def forward(self, z_hat):
         _check_input(z_hat, self.num_tokens, self.dim, "DiagonalGaussian")
         dtype = _compute_dtype(z_hat)
-        with torch.autocast(device_type=z_hat.device.type, enabled=False):
+        with _autocast_off(z_hat.device):
             z_hat = z_hat.to(dtype)
             moments = F.linear(z_hat, self.moments.weight.to(dtype), self.moments.bias.to(dtype))
         mean, logvar = moments.chunk(2, dim=-1)
@@ -405,6 +441,7 @@ class Identity(nn.Module):
 
     def __init__(self, dim, num_tokens):
         super().__init__()
+        _check_positive_ints("Identity", dim=dim, num_tokens=num_tokens)
         self.dim, self.num_tokens = dim, num_tokens
 
     def forward(self, z_hat):
