@@ -1,0 +1,157 @@
+"""Tests of train_tok.py (CPU, tiny preset, random stand-ins for VGG/DINO/DINOv2 so that every loss
+term runs without downloads): exact resume, config refusal, a 2-process gloo torchrun run, the README
+command, refusal of the full preset without pretrained files, and the loss pieces against their
+literal definitions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokenizer
+import train_tok
+import training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every term on from step 1: discriminator from step 1, LPIPS warm-up 2 steps, batch 2
+FAST = ["--preset", "tiny", "--batch", "2", "--iters", "4", "--warmup", "2", "--lpips-warmup", "2",
+        "--disc-start", "1", "--log-every", "1", "--fake-pretrained"]
+
+
+def start(args, tmp_path, launcher=(sys.executable,)):
+    # no pretrained files in this TORCH_HOME; one thread per process: these tiny runs are bound by
+    # per-op overhead, which two threads fighting over a shared CPU multiply (torchrun does the same)
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*launcher, os.path.join(REPO, "train_tok.py"), *args, "--out-dir", str(tmp_path)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, check=True):
+    out, err = proc.communicate(timeout=300)
+    if check:
+        assert proc.returncode == 0, out + err
+    return proc.returncode, out, err
+
+
+def run(args, tmp_path, launcher=(sys.executable,), check=True):
+    return finish(start(args, tmp_path, launcher), check)
+
+
+def read_log(path):
+    with open(path) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in f]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = start(FAST + ["--name", "straight"], tmp_path)                 # both at once: 2 cores
+    finish(start(FAST + ["--name", "killed", "--stop-at", "2"], tmp_path))    # "killed" after step 2
+    finish(straight)
+    assert len(read_log(tmp_path / "killed" / "log.jsonl")) == 2
+    run(FAST + ["--name", "killed", "--resume"], tmp_path)
+    straight, resumed = read_log(tmp_path / "straight" / "log.jsonl"), read_log(tmp_path / "killed" / "log.jsonl")
+    assert straight == resumed and len(straight) == 4
+    assert {"recon", "lpips", "align", "adv", "entropy", "d_cr", "d_lecam", "d_hinge"} <= set(straight[-1])
+    a, b = (training.load_checkpoint(str(tmp_path / n / "ckpt.pt")) for n in ("straight", "killed"))
+    for key in ("model", "ema", "projector", "disc_heads"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert all(torch.equal(s, t) for s, t in zip(a["opt"]["state"][0].values(), b["opt"]["state"][0].values()))
+    assert a["step"] == b["step"] == 4 and torch.equal(a["lecam_ema"], b["lecam_ema"])
+
+    # resuming with another configuration is refused, naming the field
+    code, _, err = run(FAST + ["--name", "killed", "--resume", "--disc-weight", "0.3"], tmp_path, check=False)
+    assert code != 0 and "disc_weight" in err
+
+
+def test_torchrun_two_ranks_identical_weights(tmp_path):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    _, out, _ = run(FAST + ["--iters", "2", "--name", "ddp", "--device", "cpu"], tmp_path, launcher=launcher)
+    assert "all 2 ranks hold identical weights" in out and "world size 2" in out
+    assert os.path.isfile(tmp_path / "ddp" / "ckpt.pt")
+
+
+def test_readme_command_tiny(tmp_path):
+    _, out, _ = run(["--preset", "tiny", "--iters", "3", "--log-every", "1"], tmp_path)
+    for term in ("LPIPS", "adversarial", "alignment"):                    # no files -> off, and said
+        assert f"-> {term} term off" in out
+    assert os.path.isfile(tmp_path / "tiny-64" / "ckpt.pt")
+    assert os.path.isfile(tmp_path / "tiny-64" / "recon_0000003.png")
+    model = training.load_tokenizer(str(tmp_path / "tiny-64" / "ckpt.pt"))
+    assert model.config.image_size == 32
+
+
+def test_full_preset_refuses_without_files(tmp_path):
+    code, _, err = run(["--preset", "S", "--data-path", "builtin"], tmp_path, check=False)
+    assert code != 0
+    for name in ("vgg16-397923af.pth", "dino_deitsmall16_pretrain.pth", "dinov2_vitl14_pretrain.pth",
+                 "dinov2_vits14_pretrain.pth"):
+        assert name in err
+
+
+# ---- the loss pieces against their literal definitions ----
+
+def test_align_loss_is_eq6_with_repeated_latents():
+    torch.manual_seed(0)
+    z, y = torch.randn(2, 4, 8), torch.randn(2, 16, 8)
+    literal = -F.cosine_similarity(z.repeat_interleave(4, dim=1), y, dim=-1).mean()   # Eq. 5 then Eq. 6
+    assert torch.allclose(train_tok.align_loss(z, y), literal, atol=1e-6)
+    with pytest.raises(ValueError, match="N/L"):
+        train_tok.align_loss(z, torch.randn(2, 6, 8))
+
+
+def test_lpips_matches_package_and_loads_vgg(tmp_path):
+    import lpips
+    torch.manual_seed(0)
+    ours = train_tok.LPIPS(None)
+    assert isinstance(ours.lp, lpips.LPIPS)
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(ours(a, b), ours.lp(a, b).mean(), atol=1e-6)       # the package's forward
+    heads = torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth"), map_location="cpu")
+    assert all(torch.equal(ours.lp.state_dict()[k], v) for k, v in heads.items())   # shipped heads
+    # a torchvision-layout VGG16 file fills the trunk
+    convs = {f"features.{i}": m for s in ours.lp.net.children() for i, m in s.named_children()
+             if isinstance(m, torch.nn.Conv2d)}
+    state = {f"{k}.{p}": torch.randn_like(getattr(m, p)) for k, m in convs.items() for p in ("weight", "bias")}
+    torch.save(state, tmp_path / "vgg.pth")
+    loaded = train_tok.LPIPS(str(tmp_path / "vgg.pth"))
+    assert torch.equal(getattr(loaded.lp.net.slice1, "0").weight, state["features.0.weight"])
+    assert torch.equal(getattr(loaded.lp.net.slice5, "28").bias, state["features.28.bias"])
+
+
+def test_diff_augment():
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    assert torch.equal(train_tok.diff_augment(x, 0.5, 0.0), x)             # prob 0: identity
+    xg = x.clone().requires_grad_()
+    y = train_tok.diff_augment(xg, 0.5, 1.0)
+    assert y.shape == x.shape and not torch.equal(y, x)
+    y.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_discriminator_shapes_and_frozen_backbone():
+    dino = tokenizer.VisionTransformer(224, 16, 32, 12, 2, layerscale=False)
+    disc = train_tok.DinoDiscriminator(dino).train()
+    assert not dino.training and not any(p.requires_grad for p in dino.parameters())
+    x = (torch.rand(3, 3, 32, 32) * 2 - 1).requires_grad_()
+    logits = disc(x)
+    assert logits.shape == (3, 5 * 196)                   # 5 taps x 14x14 tokens at 224 px
+    logits.mean().backward()
+    assert x.grad is not None and all(p.grad is None for p in dino.parameters())
+    assert all(p.grad is not None for p in disc.heads.parameters())
+
+
+def test_batched_views_match_separate_calls():
+    """The discriminator step runs 4 views in one backbone + heads pass; BatchNorm statistics stay
+    per view, so (with spectral norm not iterating, eval mode) it equals 4 separate calls."""
+    torch.manual_seed(0)
+    disc = train_tok.DinoDiscriminator(tokenizer.VisionTransformer(224, 16, 32, 12, 2, layerscale=False))
+    disc.heads.eval()
+    views = [torch.rand(3, 3, 32, 32) * 2 - 1 for _ in range(4)]
+    with torch.no_grad():
+        together = disc.heads_logits(disc.features(views), 4)
+        separate = torch.cat([disc(v) for v in views])
+    assert torch.allclose(together, separate, atol=1e-5)
