@@ -1,0 +1,302 @@
+"""Sample class-conditional images from a trained generator on SoftVQ-VAE latents (DDP).
+
+Paper Sec. 4 and App. C.2; the output is what evaluate.py needs for gFID / IS.
+
+Generates N images (50K by default: 50 per ImageNet class), decodes them with the tokenizer and
+writes into --out:
+    samples/000000.png ...   one PNG per image, named by its global index
+    samples.npz              all of them as one ADM-style batch (uint8 N x H x W x 3, key arr_0)
+    grid.png                 the first 64
+    meta.json                the sampling settings (a resumed run must use the same)
+Image i has class i % num_classes. The images are cut into chunks of --batch-size consecutive
+indices; chunk c is drawn by rank c % world_size with the random seed (seed, c). An image therefore
+depends on the seed and the batch size only, not on the number of processes; a rerun keeps the PNGs
+that exist and draws only the missing chunks (an interrupted run resumes where it stopped).
+
+    # ours (train_gen.py checkpoint; it names its tokenizer and holds the latent mean / std)
+    torchrun --nproc_per_node=8 sample.py --preset sit-xl-64 --ckpt runs/sit-xl-l-64/ckpt.pt \\
+        --out runs/sit-xl-l-64/samples
+    # released SiT / DiT folder (config.json + model.safetensors) with a released tokenizer folder
+    torchrun --nproc_per_node=8 sample.py --preset sit-xl-64 --ckpt hub/sit-xl_softvq-l-64 \\
+        --tokenizer hub/softvq-l-64 --out runs/released-sit-xl-l-64
+    # CPU pipeline: 200 images of the tiny generator, with the nearest-neighbour check below
+    python sample.py --preset tiny
+
+Presets (App. C.2; explicit flags override them):
+    sit-xl-64  SDE (Euler-Maruyama) 250 steps, CFG 1.75, guidance interval [0, 0.7]
+    sit-xl-32  SDE 250 steps, CFG 2.25, interval [0, 0.7]
+    dit-xl-64  DDPM 250 steps, CFG 1.35
+    dit-xl-32  DDPM 250 steps, CFG 1.45
+    mar-h      CFG 3.0 (linear CFG schedule), L iterations, temperature 1.0
+    tiny       the tiny pipeline's generator, 200 images
+Without a preset: the checkpoint's own sampler and steps, CFG 1.0 (the "w/o CFG" columns).
+
+`--nn-check builtin` (on in the tiny preset) measures whether the samples look like the built-in
+data set: the mean per-pixel RMSE from each image to its nearest real training image, for the
+samples and for four references (held-out real images and their tokenizer reconstructions,
+decoded random latents, uniform noise), and how often that nearest real image has the requested
+class. Written to summary.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import evaluate
+import generators
+import tokenizer as tokenizer_lib
+import training
+
+# ---- presets: App. C.2 sampling settings (CFG scales from generators.PAPER_CFG) ----
+PRESETS = {
+    "sit-xl-64": dict(sampler="sde", steps=250, **generators.PAPER_CFG["sit"][64]),
+    "sit-xl-32": dict(sampler="sde", steps=250, **generators.PAPER_CFG["sit"][32]),
+    "dit-xl-64": dict(sampler="ddpm", steps=250, **generators.PAPER_CFG["dit"][64]),
+    "dit-xl-32": dict(sampler="ddpm", steps=250, **generators.PAPER_CFG["dit"][32]),
+    "mar-h": dict(sampler="ddpm", temperature=1.0, **generators.PAPER_CFG["mar"][64]),
+    # CPU pipeline: train_gen.py --preset tiny's checkpoint; SDE 50 steps, mild CFG
+    "tiny": dict(ckpt="runs/gen-tiny/ckpt.pt", out="runs/samples-tiny", num_images=200, batch_size=50,
+                 steps=50, cfg_scale=1.5, guidance_interval=(0.0, 0.7), nn_check=data.BUILTIN),
+}
+DEFAULTS = dict(ckpt=None, tokenizer=None, out="runs/samples", num_images=50_000, batch_size=50,
+                sampler=None, steps=None, cfg_scale=1.0, guidance_interval=(0.0, 1.0), temperature=1.0,
+                nn_check=None)
+GRID_IMAGES = 64               # grid.png shows the first 64 samples
+NN_REF_IMAGES = 1000           # --nn-check: real training images the samples are compared with
+
+
+def resolve(args):
+    """Explicit flags > --preset > DEFAULTS."""
+    cfg = {**DEFAULTS, **PRESETS.get(args.preset, {})}
+    cfg.update({k: v for k, v in vars(args).items() if v is not None or k not in cfg})
+    cfg["guidance_interval"] = tuple(float(v) for v in cfg["guidance_interval"])
+    return argparse.Namespace(**cfg)
+
+
+def load_models(args):
+    """(generator, tokenizer, latent mean, latent std, tokenizer path) from --ckpt / --tokenizer.
+
+    A file is a train_gen.py checkpoint (its EMA weights, the paper samples with EMA; its
+    tokenizer path and latent statistics); a folder is a released SiT / DiT, which needs
+    --tokenizer (a released tokenizer folder carries the latent mean / std as vq_mean / vq_std)."""
+    if args.ckpt is None:
+        raise ValueError("no generator given: pass --ckpt <train_gen.py ckpt.pt or released SiT/DiT folder>")
+    if os.path.isdir(args.ckpt):
+        model = generators.load_released(args.ckpt)
+        if args.tokenizer is None:
+            raise ValueError(f"'{args.ckpt}' is a released generator: pass --tokenizer <released tokenizer "
+                             "folder>")
+        tok_path, mean, std = args.tokenizer, None, None
+    else:
+        ckpt = training.load_checkpoint(args.ckpt)
+        model = generators.build_generator(generators.GeneratorConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["ema"])
+        tok_path = args.tokenizer or ckpt["tokenizer"]
+        mean, std = float(ckpt["latent_mean"]), float(ckpt["latent_std"])
+    tok = tokenizer_lib.load_released(tok_path) if os.path.isdir(tok_path) else training.load_tokenizer(tok_path)
+    if mean is None:
+        mean, std = float(tok.latent_mean), float(tok.latent_std)
+        if (mean, std) == (0.0, 1.0):
+            training.print0(f"warning: tokenizer '{tok_path}' carries no latent statistics (mean 0, std 1); "
+                            "a released generator expects its released tokenizer's vq_mean / vq_std")
+    c, t = model.config, tok.config
+    if (c.num_tokens, c.token_dim) != (t.num_tokens, t.token_dim):
+        raise ValueError(f"generator models {c.num_tokens}x{c.token_dim} latents, tokenizer '{tok_path}' "
+                         f"makes {t.num_tokens}x{t.token_dim}")
+    return model.eval(), tok.eval(), mean, std, tok_path
+
+
+@torch.no_grad()
+def decode(tok, z, mean, std):
+    """Normalised latents -> uint8 images (B, H, W, 3): un-normalise (Sec. 4), decode, round."""
+    return to_hwc_uint8(tok.decode(z * std + mean))
+
+
+def png_path(args, index):
+    return os.path.join(args.out, "samples", f"{index:06d}.png")
+
+
+def write_png(path, image):
+    """Atomic (temp + rename): a run killed mid-write never leaves a truncated PNG to be 'kept'."""
+    tmp = path + ".tmp.png"
+    Image.fromarray(image).save(tmp)
+    os.replace(tmp, path)
+
+
+def read_png(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def write_npz(pngs, path):
+    """The PNGs as one ADM-style .npz (arr_0: uint8 N x H x W x 3, what np.savez writes: an
+    uncompressed zip holding arr_0.npy), streamed one image at a time: 50K images at 512 px are
+    39 GB, more than rank 0 should hold in memory. Written to a temp file, then renamed."""
+    first = read_png(pngs[0])
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(pngs), *first.shape)}
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for p in pngs:
+                image = read_png(p)
+                if image.shape != first.shape:
+                    raise ValueError(f"{p} is {image.shape}, {pngs[0]} is {first.shape}: mixed sample sizes")
+                f.write(image.tobytes())
+    os.replace(tmp, path)
+
+
+def to_hwc_uint8(x):
+    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3), as a PNG stores them."""
+    return evaluate.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def nn_check(samples, labels, args, tok, mean, std, device):
+    """How close the samples are to the training data, against references. For every image: the
+    per-pixel RMSE (pixels in [0, 1]) to its nearest neighbour among NN_REF_IMAGES real training
+    images, and whether that neighbour has the image's class. Rows: the samples; held-out real
+    images (the best a generator could do) and their tokenizer reconstructions (the best this
+    tokenizer allows); decoded random latents (N(0, I) in the normalised space: what the generator
+    produces before training); uniform noise. Same count and labels as the samples."""
+    size, n = samples.shape[1], len(samples)
+    train = data.make_dataset(args.nn_check, size, train=False)
+    held = data.make_dataset(args.nn_check, size, train=False, seed=evaluate.BUILTIN_VAL_SEED)
+    ref = torch.stack([train[i][0] for i in range(min(NN_REF_IMAGES, len(train)))])
+    ref_labels = torch.tensor([train[i][1] for i in range(len(ref))])
+    real = torch.stack([held[i][0] for i in range(n)])
+    real_labels = torch.tensor([held[i][1] for i in range(n)])
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn((n, tok.config.num_tokens, tok.config.token_dim), generator=g)
+    sets = {
+        "samples": (samples, labels),
+        "real held-out": (to_hwc_uint8(real), real_labels),
+        "reconstructed held-out": (np.concatenate([to_hwc_uint8(tok(x.to(device))[0])
+                                                   for x in real.split(args.batch_size)]), real_labels),
+        "decoded random latents": (np.concatenate([decode(tok, z.to(device), mean, std)
+                                                   for z in noise.split(args.batch_size)]), labels),
+        "uniform noise": (torch.randint(0, 256, samples.shape, generator=g, dtype=torch.uint8).numpy(), labels),
+    }
+    ref01 = ((ref.double() + 1) / 2).flatten(1)
+    out = {}
+    for name, (images, want) in sets.items():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).double().div(255).flatten(1)
+        best = torch.cdist(x, ref01).min(dim=1)
+        out[name] = dict(nn_rmse=(best.values / math.sqrt(x.shape[1])).mean().item(),
+                         nn_class_match=(ref_labels[best.indices] == want).double().mean().item())
+    return out
+
+
+def main(args):
+    rank, _, world_size, device = training.setup_ddp(args.device)
+    try:
+        run(args, rank, world_size, device)
+    finally:
+        training.cleanup_ddp()
+
+
+def run(args, rank, world_size, device):
+    model, tok, mean, std, tok_path = load_models(args)
+    # a checksum of the weights (on the CPU, so any device agrees): a retrained checkpoint at the
+    # same path must not reuse the old samples
+    checksum = sum(v.double().sum().item() for m in (model, tok) for v in m.state_dict().values())
+    model, tok = model.to(device), tok.to(device)
+    c = model.config
+    settings = dict(ckpt=os.path.abspath(args.ckpt), tokenizer=os.path.abspath(tok_path),
+                    weights_checksum=checksum,
+                    num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
+                    sampler=args.sampler or c.sampler, steps=args.steps,
+                    cfg_scale=args.cfg_scale, guidance_interval=list(args.guidance_interval),
+                    temperature=args.temperature, latent_mean=mean, latent_std=std)
+
+    # ---- output folder; a rerun must use the same settings (else its images would differ) ----
+    meta_path = os.path.join(args.out, "meta.json")
+    if rank == 0:
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                training.check_config(json.load(f), settings, f"existing samples in '{args.out}'")
+        else:
+            with open(meta_path, "w") as f:
+                json.dump(settings, f, indent=1)
+    if dist.is_initialized():
+        dist.barrier()
+
+    # ---- sample this rank's chunks (c = rank, rank + world, ...), skipping those whose PNGs exist ----
+    def chunk(ch):
+        return torch.arange(ch * args.batch_size, min((ch + 1) * args.batch_size, args.num_images))
+
+    mine = range(rank, math.ceil(args.num_images / args.batch_size), world_size)
+    todo = [ch for ch in mine if not all(os.path.isfile(png_path(args, i)) for i in chunk(ch).tolist())]
+    training.print0(f"{c.arch.upper()} {c.num_tokens}x{c.token_dim} latents, sampler {settings['sampler']}, "
+                    f"steps {args.steps or 'default'}, CFG {args.cfg_scale} "
+                    f"on t in {list(args.guidance_interval)}, "
+                    f"{args.num_images} images on {world_size} x {device.type}; rank 0 keeps "
+                    f"{len(mine) - len(todo)} finished chunks of {len(mine)}")
+    bar = tqdm(total=sum(len(chunk(ch)) for ch in todo), unit="img", disable=rank != 0, desc="sampling (rank 0)")
+    t0 = time.time()
+    for ch in todo:
+        index = chunk(ch)
+        y = (index % c.num_classes).to(device)                            # 50 per class at 50K / 1000
+        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + ch)
+        z = model.sample(y, steps=args.steps, cfg_scale=args.cfg_scale, guidance_interval=args.guidance_interval,
+                         sampler=args.sampler, temperature=args.temperature, generator=gen)
+        for i, image in zip(index.tolist(), decode(tok, z, mean, std)):
+            write_png(png_path(args, i), image)
+        bar.update(len(index))
+    bar.close()
+    elapsed = time.time() - t0
+    if dist.is_initialized():
+        dist.barrier()          # every rank's PNGs are written
+
+    # ---- rank 0: one ADM .npz, the grid, the summary ----
+    if rank != 0:
+        return
+    npz = os.path.join(args.out, "samples.npz")
+    write_npz([png_path(args, i) for i in range(args.num_images)], npz)
+    grid = torch.from_numpy(np.stack([read_png(png_path(args, i))
+                                      for i in range(min(GRID_IMAGES, args.num_images))]))
+    training.save_image_grid(grid.permute(0, 3, 1, 2).float() / 127.5 - 1, os.path.join(args.out, "grid.png"))
+    summary = dict(num_images=args.num_images, seconds=elapsed,
+                   images_per_second=bar.n * world_size / elapsed if bar.n else None)
+    print(f"wrote {args.num_images} images -> {npz}, {args.out}/grid.png "
+          f"({bar.n} new on rank 0 in {elapsed:.1f}s)", flush=True)
+    if args.nn_check:
+        labels = torch.arange(args.num_images) % c.num_classes
+        summary["nn_check"] = nn_check(evaluate.load_images_npz(npz), labels, args, tok, mean, std, device)
+        print("nearest real training image (per-pixel RMSE in [0, 1], lower = closer; class match):")
+        for name, r in summary["nn_check"].items():
+            print(f"  {name:24s} {r['nn_rmse']:.4f}   {100 * r['nn_class_match']:.1f}%")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=list(PRESETS), help="paper sampling settings by name, or tiny")
+    p.add_argument("--ckpt", help="train_gen.py checkpoint, or a released SiT/DiT folder")
+    p.add_argument("--tokenizer", help="override the checkpoint's tokenizer (file or released folder)")
+    p.add_argument("--out", help="output folder (default runs/samples)")
+    p.add_argument("--num-images", type=int, help="N (default 50000: 50 per class)")
+    p.add_argument("--batch-size", type=int, help="images per process per chunk (default 50)")
+    p.add_argument("--sampler", choices=sorted({s for v in generators.SAMPLERS.values() for s in v}),
+                   help="default: the checkpoint's (SiT sde, DiT/MAR ddpm)")
+    p.add_argument("--steps", type=int, help="sampling steps (MAR: iterations); default: the checkpoint's")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="apply CFG only for t in [LO, HI] (t = 1 noise, 0 data); SiT presets 0 0.7")
+    p.add_argument("--temperature", type=float, help="noise temperature of SDE / DDPM / MAR sampling")
+    p.add_argument("--nn-check", choices=[data.BUILTIN], help="nearest-real-image check against the built-in data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda ...")
+    main(resolve(p.parse_args()))

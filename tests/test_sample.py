@@ -1,0 +1,150 @@
+"""Tests of sample.py and pipeline_tiny.sh (CPU, tiny random models, seconds each):
+the ADM .npz that evaluate.py reads back, the grid and the nearest-neighbour check; resume keeps
+finished chunks and redraws missing ones identically; other settings are refused; a 2-process
+torchrun gives the same images as one process; DiT / MAR checkpoints sample; the README's tiny
+pipeline runs end to end with reduced steps."""
+
+import dataclasses
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import evaluate    # noqa: E402
+import generators  # noqa: E402
+import tokenizer   # noqa: E402
+import training    # noqa: E402
+
+IMAGE_SIZE, TOKENS, DIM = 16, 16, 8
+N, BATCH = 10, 4          # 10 images in chunks of 4: chunks 0-3, 4-7, 8-9
+
+
+def save_models(tmp, preset="SiT-tiny"):
+    """A random tiny tokenizer (train_tok.py checkpoint) and generator (train_gen.py checkpoint)."""
+    torch.manual_seed(0)
+    tok = tokenizer.make_tokenizer("tiny", tokens=TOKENS, token_dim=DIM, image_size=IMAGE_SIZE, enc_width=32,
+                                   enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2, codebook_size=64)
+    with torch.no_grad():     # LayerScale 1 instead of 1e-5: the random decoder's output then depends on z
+        for name, p in tok.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+    state = tok.state_dict()
+    training.save_checkpoint(str(tmp / "tok.pt"), {"config": dataclasses.asdict(tok.config), "model": state,
+                                                   "ema": state})
+    gen = generators.make_generator(preset, TOKENS, DIM, num_classes=10)
+    state = gen.state_dict()
+    path = tmp / f"{preset}.pt"
+    training.save_checkpoint(str(path), {"config": dataclasses.asdict(gen.config), "model": state, "ema": state,
+                                         "latent_mean": 0.01, "latent_std": 0.3, "tokenizer": str(tmp / "tok.pt"),
+                                         "step": 0})
+    return path
+
+
+def run_cli(*argv):
+    """Run sample.py's command line in this process (as `python sample.py ...`)."""
+    old = sys.argv
+    sys.argv = ["sample.py", *map(str, argv)]
+    try:
+        runpy.run_path(os.path.join(ROOT, "sample.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+
+
+def flags(ckpt, out, *extra):
+    return ("--ckpt", ckpt, "--out", out, "--num-images", N, "--batch-size", BATCH, "--steps", 2,
+            "--cfg-scale", 1.5, "--device", "cpu", *extra)
+
+
+def png(out, i):
+    return np.asarray(Image.open(os.path.join(out, "samples", f"{i:06d}.png")))
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sample")
+    ckpt = save_models(tmp)
+    run_cli(*flags(ckpt, tmp / "out", "--nn-check", "builtin"))
+    return tmp, ckpt
+
+
+def test_npz_is_read_back_by_evaluate(sampled):
+    tmp, _ = sampled
+    out = tmp / "out"
+    images = evaluate.load_images_npz(str(out / "samples.npz"))
+    assert images.shape == (N, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
+    assert evaluate.count_images(str(out / "samples.npz")) == N
+    assert all(np.array_equal(images[i], png(out, i)) for i in range(N))
+    assert np.concatenate(list(evaluate.iter_images(str(out / "samples.npz"), 3))).tobytes() == images.tobytes()
+    assert not np.array_equal(images[0], images[1])                 # different noise per image
+    grid = Image.open(out / "grid.png")                             # 8 per row, 2 rows, 2 px padding
+    assert grid.size == (8 * (IMAGE_SIZE + 2) + 2, 2 * (IMAGE_SIZE + 2) + 2)
+
+
+def test_nearest_neighbour_check(sampled):
+    tmp, _ = sampled
+    check = json.loads((tmp / "out" / "summary.json").read_text())["nn_check"]
+    assert set(check) == {"samples", "real held-out", "reconstructed held-out", "decoded random latents",
+                          "uniform noise"}
+    assert all(0 <= r["nn_rmse"] < 1 and 0 <= r["nn_class_match"] <= 1 for r in check.values())
+    assert check["real held-out"]["nn_rmse"] < check["uniform noise"]["nn_rmse"]
+
+
+def test_resume_keeps_finished_chunks_and_redraws_the_same_images(sampled, tmp_path):
+    tmp, ckpt = sampled
+    out = tmp_path / "out"
+    shutil.copytree(tmp / "out", out)
+    original = evaluate.load_images_npz(str(out / "samples.npz"))
+    Image.fromarray(np.zeros_like(original[0])).save(out / "samples" / "000000.png")   # chunk 0 finished: kept
+    os.remove(out / "samples" / "000005.png")                                           # chunk 1 unfinished
+    Image.fromarray(np.zeros_like(original[0])).save(out / "samples" / "000006.png")
+    run_cli(*flags(ckpt, out))
+    again = evaluate.load_images_npz(str(out / "samples.npz"))
+    assert not again[0].any()                                         # the existing PNG was kept
+    assert np.array_equal(again[1:], original[1:])                    # chunk 1 redrawn identically
+    with pytest.raises(ValueError, match="cfg_scale"):
+        run_cli(*flags(ckpt, out)[:-4], "--cfg-scale", 2.0, "--device", "cpu")
+
+
+@pytest.mark.parametrize("preset", ["DiT-tiny", "MAR-tiny"])
+def test_dit_and_mar_checkpoints_sample(tmp_path, preset):
+    ckpt = save_models(tmp_path, preset)
+    run_cli("--ckpt", ckpt, "--out", tmp_path / "out", "--num-images", 3, "--batch-size", 3, "--steps", 2,
+            "--cfg-scale", 1.5, "--device", "cpu")
+    assert evaluate.load_images_npz(str(tmp_path / "out" / "samples.npz")).shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_two_process_torchrun_gives_the_same_images(sampled, tmp_path):
+    tmp, ckpt = sampled
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "sample.py", *map(str, flags(ckpt, tmp_path / "out"))]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    two = evaluate.load_images_npz(str(tmp_path / "out" / "samples.npz"))
+    assert np.array_equal(two, evaluate.load_images_npz(str(tmp / "out" / "samples.npz")))
+
+
+def test_pipeline_script_runs_end_to_end(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "RUNS": str(tmp_path),
+           "TOK_ITERS": "2", "GEN_IMAGES": "64", "GEN_STEPS": "2", "NUM_IMAGES": "10", "SAMPLE_STEPS": "2",
+           "EVAL_IMAGES": "20", "PROBE_IMAGES": "40", "PROBE_EPOCHS": "1"}
+    r = subprocess.run(["bash", os.path.join(ROOT, "pipeline_tiny.sh")], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = (tmp_path / "eval-tiny" / "table.txt").read_text()
+    for row in ("tokenizer PSNR", "codebook usage", "linear probe top-1", "samples gFID", "uniform noise",
+                "time: total"):
+        assert row in table
+    if not os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", evaluate.INCEPTION_FILE)):
+        assert f"needs {evaluate.INCEPTION_FILE}" in table
+    assert (tmp_path / "samples-tiny" / "grid.png").is_file()
+    assert evaluate.load_images_npz(str(tmp_path / "samples-tiny" / "samples.npz")).shape == (10, 32, 32, 3)

@@ -1,0 +1,171 @@
+"""Tests of train_gen.py (CPU, tiny models, seconds each):
+latent caching (image + flip, labels, mean / std over the whole set, a tokenizer's own statistics
+win), the normalisation round trip, exact resume (cache and on-the-fly), and a 2-process gloo
+torchrun run of caching + training (MAR-tiny: warm-up and grad clipping)."""
+
+import dataclasses
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data        # noqa: E402
+import generators  # noqa: E402
+import tokenizer   # noqa: E402
+import train_gen   # noqa: E402
+import training    # noqa: E402
+
+IMAGES = 40        # built-in images in the test caches
+IMAGE_SIZE, TOKENS, DIM = 16, 16, 8
+
+
+def save_tokenizer(path, mean=None, std=None):
+    """A random ~30K-parameter tokenizer as a train_tok.py checkpoint; optional latent statistics
+    (as a released tokenizer carries them)."""
+    torch.manual_seed(0)
+    tok = tokenizer.make_tokenizer("tiny", tokens=TOKENS, token_dim=DIM, image_size=IMAGE_SIZE, enc_width=32,
+                                   enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2, codebook_size=64)
+    if mean is not None:
+        tok.latent_mean.fill_(mean)
+        tok.latent_std.fill_(std)
+    state = tok.state_dict()
+    training.save_checkpoint(str(path), {"config": dataclasses.asdict(tok.config), "model": state, "ema": state})
+    return tok.eval()
+
+
+def run_cli(*argv):
+    """Run train_gen.py's command line in this process (as `python train_gen.py ...`)."""
+    old = sys.argv
+    sys.argv = ["train_gen.py", *map(str, argv)]
+    try:
+        runpy.run_path(os.path.join(ROOT, "train_gen.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+
+
+def cache_args(tok_path, cache_dir):
+    return ("--cache-latents", "--tokenizer", tok_path, "--data-path", "builtin", "--builtin-size", IMAGES,
+            "--cache-dir", cache_dir, "--num-workers", 0, "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    tok = save_tokenizer(tmp / "tok.pt")
+    run_cli(*cache_args(tmp / "tok.pt", tmp / "cache"))
+    return tmp, tok
+
+
+def test_cache_holds_latents_of_images_and_flips_with_stats(cached):
+    tmp, tok = cached
+    cache = train_gen.LatentCache(str(tmp / "cache"))
+    meta = cache.meta
+    assert len(cache) == IMAGES and meta["num_classes"] == 10 and meta["stats_from"] == "cache"
+    assert (meta["num_tokens"], meta["token_dim"], meta["tokenizer"]) == (TOKENS, DIM, str(tmp / "tok.pt"))
+    z = np.concatenate(cache.latents)                                       # (N, 2, L, D)
+    assert z.shape == (IMAGES, 2, TOKENS, DIM) and z.dtype == np.float32
+    # image i (evaluation transform) and its horizontal flip, with its label
+    ds = data.make_dataset("builtin", IMAGE_SIZE, train=False)
+    x = torch.stack([ds[i][0] for i in range(IMAGES)])
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(z[:, 0]), tok.encode(x), atol=1e-5)
+        assert torch.allclose(torch.from_numpy(z[:, 1]), tok.encode(x.flip(-1)), atol=1e-5)
+    assert not np.allclose(z[:, 0], z[:, 1])
+    assert cache.labels.tolist() == [ds[i][1] for i in range(IMAGES)]
+    # scalar mean / std over every cached value (both flips), Sec. 4
+    assert meta["latent_mean"] == pytest.approx(z.astype(np.float64).mean(), rel=1e-9, abs=1e-12)
+    assert meta["latent_std"] == pytest.approx(z.astype(np.float64).std(), rel=1e-9)
+
+
+def test_normalisation_round_trip_and_multi_shard_reader(cached, tmp_path):
+    tmp, _ = cached
+    cache = train_gen.LatentCache(str(tmp / "cache"))
+    m, s = cache.meta["latent_mean"], cache.meta["latent_std"]
+    idx, flips = np.array([3, 0, 39, 17]), np.array([1, 0, 0, 1])
+    z, y = cache.batch(idx, flips)
+    x = (z - m) / s
+    assert abs(x.mean().item()) < 1.0 and torch.allclose(x * s + m, z, atol=1e-6)
+    # the same rows when the cache is split into two shards (as two ranks write it)
+    full = np.load(tmp / "cache" / "r000-s0000-latents.npy")
+    labels = np.load(tmp / "cache" / "r000-s0000-labels.npy")
+    for k, part in enumerate((slice(0, 25), slice(25, None))):
+        np.save(tmp_path / f"r{k:03d}-s0000-latents.npy", full[part])
+        np.save(tmp_path / f"r{k:03d}-s0000-labels.npy", labels[part])
+    (tmp_path / "meta.json").write_text((tmp / "cache" / "meta.json").read_text())
+    z2, y2 = train_gen.LatentCache(str(tmp_path)).batch(idx, flips)
+    assert torch.equal(z, z2) and torch.equal(y, y2)
+    assert torch.equal(z[0], torch.from_numpy(full[3, 1]))
+
+
+def test_tokenizer_statistics_are_used_as_is(tmp_path):
+    save_tokenizer(tmp_path / "tok.pt", mean=0.25, std=2.0)
+    run_cli(*cache_args(tmp_path / "tok.pt", tmp_path / "cache"))
+    meta = train_gen.LatentCache(str(tmp_path / "cache")).meta
+    assert (meta["latent_mean"], meta["latent_std"], meta["stats_from"]) == (0.25, 2.0, "tokenizer")
+    assert meta["measured_std"] != 2.0
+
+
+def load_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a, b):
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs"
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert a["step"] == b["step"]
+
+
+@pytest.mark.parametrize("source", ["cache", "on-the-fly"])
+def test_resume_is_bit_identical(cached, tmp_path, source):
+    tmp, _ = cached
+    data_flags = (("--cache-dir", tmp / "cache") if source == "cache" else
+                  ("--on-the-fly", "--tokenizer", tmp / "tok.pt", "--data-path", "builtin", "--builtin-size", IMAGES))
+    common = ("--preset", "tiny", *data_flags, "--steps", 6, "--batch-size", 8, "--log-every", 2,
+              "--ckpt-every", 100, "--warmup-epochs", 1, "--grad-clip", 0.5, "--device", "cpu")
+    run_cli(*common, "--out", tmp_path / "a")
+    run_cli(*common, "--out", tmp_path / "b", "--stop-at", 4)      # 5 steps per epoch: crosses an epoch
+    assert load_state(tmp_path / "b" / "ckpt.pt")["step"] == 4
+    run_cli(*common, "--out", tmp_path / "b", "--resume")
+    a, b = load_state(tmp_path / "a" / "ckpt.pt"), load_state(tmp_path / "b" / "ckpt.pt")
+    assert_same_state(a, b)
+    assert a["step"] == 6 and a["tokenizer"] == str(tmp / "tok.pt")
+    assert np.isfinite(a["latent_mean"]) and a["latent_std"] > 0
+    # training moved the weights away from the initial ones (train_gen seeds the init with --seed 0)
+    torch.manual_seed(0)
+    init = generators.make_generator("SiT-tiny", TOKENS, DIM, num_classes=10).state_dict()
+    assert any(not torch.equal(v, a["model"][k]) for k, v in init.items())
+    # a resume with other settings is refused
+    with pytest.raises(ValueError, match="lr"):
+        run_cli(*common, "--out", tmp_path / "b", "--resume", "--lr", 0.5)
+
+
+def test_two_process_torchrun_cache_and_train(cached, tmp_path):
+    """gloo DDP on the CPU: caching over 2 ranks gives the single-process cache's statistics;
+    MAR-tiny trains 2 steps (warm-up, clipping) and checkpoints both ranks' RNG states."""
+    tmp, _ = cached
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cache_cmd = torchrun + ["train_gen.py", *map(str, cache_args(tmp / "tok.pt", tmp_path / "cache"))]
+    train_cmd = torchrun + ["train_gen.py", "--preset", "tiny", "--model", "MAR-tiny", "--cache-dir",
+                            str(tmp_path / "cache"), "--out", str(tmp_path / "mar"), "--steps", "2",
+                            "--batch-size", "8", "--warmup-epochs", "1", "--device", "cpu"]
+    for cmd in (cache_cmd, train_cmd):     # conftest.py: one thread per process
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    two, one = train_gen.LatentCache(str(tmp_path / "cache")), train_gen.LatentCache(str(tmp / "cache"))
+    assert len(two.latents) == 2 and len(two) == IMAGES
+    assert two.meta["latent_mean"] == pytest.approx(one.meta["latent_mean"], rel=1e-6, abs=1e-9)
+    assert two.meta["latent_std"] == pytest.approx(one.meta["latent_std"], rel=1e-6)
+    ckpt = load_state(tmp_path / "mar" / "ckpt.pt")
+    assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2 and ckpt["config"]["arch"] == "mar"
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])

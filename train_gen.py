@@ -1,0 +1,448 @@
+"""Train a class-conditional generator (DiT, SiT or MAR) on SoftVQ-VAE latent tokens.
+
+Paper Sec. 4 and App. C.2. Two steps:
+
+1. `--cache-latents`: encode the data set once with a trained tokenizer (each image and its
+   horizontal flip, as DiT's latent caching does), under DDP, into sharded .npy files, and compute
+   the latent mean / std over the whole set (scalars, gathered over all ranks). A tokenizer that
+   already carries them (the released ones: vq_mean / vq_std) is used as is.
+
+       torchrun --nproc_per_node=8 train_gen.py --cache-latents --tokenizer runs/tok-l-64/ckpt.pt \\
+           --data-path /data/imagenet/train --cache-dir runs/latents-l-64
+
+2. Training reads the cache (or, with --on-the-fly, encodes every batch of images), normalises
+   the latents, (z - mean) / std (Sec. 4), and trains the generator with its own `.loss(x, y)`:
+
+       torchrun --nproc_per_node=8 train_gen.py --cache-dir runs/latents-l-64 --model SiT-XL \\
+           --out runs/sit-xl-l-64
+
+Defaults are the paper's recipes (App. C.2), chosen by the model family:
+  DiT / SiT: AdamW (weight decay 0), constant lr 1e-4, global batch 256, EMA 0.9999, 3M steps.
+  MAR:       AdamW (0.9, 0.95) weight decay 0.02, lr 2e-4 (the paper lowered MAR's 8e-4 because of
+             NaNs), global batch 2048, 100-epoch linear warm-up then constant, 500 epochs, grad clip
+             3.0, EMA 0.9999.
+bf16 autocast on accelerators; class dropout 0.1 lives inside the generator. Batch sizes are
+global. Exact resume: `--resume` continues from <out>/ckpt.pt (model, EMA, optimizer, step, every
+rank's RNG state); the data order is a pure function of (seed, step).
+
+`--preset tiny` (CPU, < 2 min each): the tiny tokenizer's latents of the built-in data set and
+a SiT-tiny generator:
+    python train_gen.py --preset tiny --cache-latents
+    python train_gen.py --preset tiny
+
+The checkpoint <out>/ckpt.pt holds "config" (GeneratorConfig as a dict), "model", "ema",
+"latent_mean", "latent_std", "tokenizer" (path), "optimizer", "step", "rng" and the training
+settings; sample.py needs nothing else.
+"""
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Subset
+
+import data
+import generators
+import tokenizer as tokenizer_lib
+import training
+
+# ---- paper recipes (App. C.2), by model family ----
+RECIPES = {
+    # DiT / SiT: "the original setup": AdamW, no weight decay, constant lr 1e-4, batch 256, 3M steps
+    "dit": dict(lr=1e-4, batch_size=256, weight_decay=0.0, betas=(0.9, 0.999), warmup_epochs=0,
+                grad_clip=0.0, steps=3_000_000, epochs=None, ema=0.9999),
+    "sit": dict(lr=1e-4, batch_size=256, weight_decay=0.0, betas=(0.9, 0.999), warmup_epochs=0,
+                grad_clip=0.0, steps=3_000_000, epochs=None, ema=0.9999),
+    # MAR-H: AdamW (0.9, 0.95), wd 0.02, batch 2048, max lr 2e-4, 100-epoch warm-up, 500 epochs;
+    # grad clip 3.0 and EMA 0.9999 as the MAR code
+    "mar": dict(lr=2e-4, batch_size=2048, weight_decay=0.02, betas=(0.9, 0.95), warmup_epochs=100,
+                grad_clip=3.0, steps=None, epochs=500, ema=0.9999),
+}
+
+# ---- --preset tiny: a CPU run on the tiny tokenizer's latents of the built-in data ----
+TINY = dict(tokenizer="runs/tiny-64/ckpt.pt", data_path=data.BUILTIN, cache_dir="runs/latents-tiny",
+            out="runs/gen-tiny", model="SiT-tiny", batch_size=64, lr=1e-3, steps=600, ema=0.99,
+            log_every=100, ckpt_every=200, builtin_size=2000, num_workers=0)
+
+# ---- everything else ----
+DEFAULTS = dict(tokenizer=None, data_path=None, cache_dir=None, out="runs/gen", model="SiT-XL",
+                log_every=100, ckpt_every=10_000, builtin_size=10_000, num_workers=8)
+# flags that do not change what is computed: not compared when resuming
+RUN_ONLY_FLAGS = {"preset", "cache_latents", "resume", "stop_at", "log_every", "ckpt_every", "num_workers",
+                  "out", "device"}
+SHARD_IMAGES = 50_000         # images per shard file and rank (820 MB at L = 64, D = 32, with flips)
+ENCODE_BATCH = 64             # per-process batch when encoding the data set
+STATS_IMAGES = 10_000         # on-the-fly training: images used to estimate the latent mean / std
+
+
+def resolve(args):
+    """Fill every unset flag: explicit flags > --preset tiny > the model family's paper recipe."""
+    cfg = {**DEFAULTS, **(TINY if args.preset == "tiny" else {})}
+    model = args.model or cfg["model"]
+    if model not in generators.GEN_PRESETS:
+        raise ValueError(f"unknown --model {model!r}; allowed: {list(generators.GEN_PRESETS)}")
+    cfg = {**RECIPES[generators.GEN_PRESETS[model].arch], **cfg}
+    cfg.update({k: v for k, v in vars(args).items() if v is not None or k not in cfg})
+    cfg["betas"] = [float(b) for b in cfg["betas"]]
+    return argparse.Namespace(**cfg)
+
+
+def load_any_tokenizer(path):
+    """A train_tok.py checkpoint (file) or a released model-hub folder (config.json + safetensors)."""
+    if path is None:
+        raise ValueError("no tokenizer given: pass --tokenizer <train_tok.py ckpt.pt or released folder>")
+    if os.path.isdir(path):
+        return tokenizer_lib.load_released(path)
+    return training.load_tokenizer(path, ema=True)
+
+
+def tokenizer_stats(tok):
+    """(mean, std) a tokenizer carries (released checkpoints: vq_mean / vq_std), or None when it
+    has the defaults 0 / 1 (then the statistics are measured on the data)."""
+    mean, std = float(tok.latent_mean), float(tok.latent_std)
+    return None if (mean, std) == (0.0, 1.0) else (mean, std)
+
+
+@torch.no_grad()
+def encode_images(tok, loader, device, on_batch):
+    """Encode every batch of `loader` and its horizontal flip; on_batch(z (B, 2, L, D), y)."""
+    for x, y in loader:
+        x = x.to(device)
+        z = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], dim=1)     # image, flipped image
+        on_batch(z.float(), y)
+
+
+def all_reduce_moments(total, total_sq, count, device):
+    """Sum (float64) the first two moments over ranks; returns (mean, std) of all latent values."""
+    t = torch.tensor([total, total_sq, count], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    total, total_sq, count = t.tolist()
+    mean = total / count
+    return mean, math.sqrt(max(total_sq / count - mean * mean, 0.0))
+
+
+# =============================================================================================
+# Step 1: cache the latents of the data set
+# =============================================================================================
+def cache_latents(args, rank, world_size, device):
+    tok = load_any_tokenizer(args.tokenizer).to(device)
+    cfg = tok.config
+    # evaluation transform (centre crop, no random flip): the flip is stored explicitly
+    ds = data.make_dataset(args.data_path, cfg.image_size, train=False, seed=args.seed,
+                           builtin_size=args.builtin_size)
+    os.makedirs(args.cache_dir, exist_ok=True)
+    if rank == 0:   # re-caching replaces an old cache (e.g. of a retrained tokenizer)
+        for pattern in ("*.npy", "meta.json"):
+            for f in glob.glob(os.path.join(args.cache_dir, pattern)):
+                os.remove(f)
+    if dist.is_initialized():
+        dist.barrier()
+
+    # every rank encodes images rank, rank + world, ... (no padding: each image exactly once)
+    mine = Subset(ds, range(rank, len(ds), world_size))
+    loader = DataLoader(mine, batch_size=ENCODE_BATCH, num_workers=args.num_workers)
+    pending_z, pending_y, shard = [], [], 0
+    moments = [0.0, 0.0, 0]
+
+    def flush():
+        nonlocal pending_z, pending_y, shard
+        if pending_z:
+            stem = os.path.join(args.cache_dir, f"r{rank:03d}-s{shard:04d}")
+            np.save(stem + "-latents.npy", torch.cat(pending_z).numpy())   # (n, 2, L, D) float32
+            np.save(stem + "-labels.npy", torch.cat(pending_y).numpy())    # (n,) int64
+            pending_z, pending_y, shard = [], [], shard + 1
+
+    def on_batch(z, y):
+        z64 = z.double()
+        moments[0] += z64.sum().item()
+        moments[1] += z64.square().sum().item()
+        moments[2] += z.numel()
+        pending_z.append(z.cpu())
+        pending_y.append(y.long())
+        if sum(len(p) for p in pending_z) >= SHARD_IMAGES:
+            flush()
+
+    t0 = time.time()
+    encode_images(tok, loader, device, on_batch)
+    flush()
+    measured = all_reduce_moments(*moments, device)
+    # Sec. 4: normalise by scalars of the training set; a released tokenizer's own values win
+    carried = tokenizer_stats(tok)
+    mean, std = carried or measured
+    if dist.is_initialized():
+        dist.barrier()   # every shard is on disk before meta.json marks the cache complete
+    if rank == 0:
+        num_classes = len(ds.classes)
+        meta = dict(tokenizer=os.path.abspath(args.tokenizer), data_path=args.data_path,
+                    num_images=len(ds), num_classes=num_classes, num_tokens=cfg.num_tokens,
+                    token_dim=cfg.token_dim, image_size=cfg.image_size,
+                    latent_mean=mean, latent_std=std, stats_from="tokenizer" if carried else "cache",
+                    measured_mean=measured[0], measured_std=measured[1])
+        tmp = os.path.join(args.cache_dir, "meta.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(args.cache_dir, "meta.json"))
+        training.print0(f"cached {len(ds)} images x 2 (flip) of {cfg.num_tokens}x{cfg.token_dim} latents "
+                        f"in {time.time() - t0:.1f}s -> {args.cache_dir}; latent mean {mean:.6f} std {std:.6f} "
+                        f"({'from the tokenizer' if carried else 'measured'}; "
+                        f"measured {measured[0]:.6f} / {measured[1]:.6f})")
+
+
+class LatentCache:
+    """The cached latents: memory-mapped shards (n, 2, L, D) with labels. `batch(indices, flips)`
+    gathers rows; the file order does not matter because training draws indices at random."""
+
+    def __init__(self, cache_dir):
+        meta_path = os.path.join(cache_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"no complete latent cache in '{cache_dir}' (meta.json missing): "
+                                    f"run train_gen.py --cache-latents --cache-dir {cache_dir} first")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        files = sorted(glob.glob(os.path.join(cache_dir, "*-latents.npy")))
+        self.latents = [np.load(p, mmap_mode="r") for p in files]
+        self.labels = np.concatenate([np.load(p.replace("-latents.npy", "-labels.npy")) for p in files])
+        self.offsets = np.cumsum([0] + [len(z) for z in self.latents])
+        if self.offsets[-1] != self.meta["num_images"]:
+            raise ValueError(f"'{cache_dir}' holds {self.offsets[-1]} cached images, meta.json says "
+                             f"{self.meta['num_images']}: re-run --cache-latents")
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def batch(self, indices, flips):
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        z = np.stack([self.latents[s][i - self.offsets[s], f] for s, i, f in zip(shard, indices, flips)])
+        return torch.from_numpy(z), torch.from_numpy(self.labels[indices])
+
+
+def epoch_order(num_items, seed, epoch):
+    """The shuffled order and flip choices of one epoch: a pure function of (seed, epoch), so a
+    resumed run draws the same batches as an uninterrupted one."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_items, generator=g).numpy(), torch.randint(2, (num_items,), generator=g).numpy()
+
+
+class LossModule(nn.Module):
+    """DDP synchronises gradients through forward(); the generators' training entry is .loss()."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return self.model.loss(x, y)
+
+
+# =============================================================================================
+# Step 2: train the generator
+# =============================================================================================
+def train(args, rank, world_size, device):
+    # ---- data: the latent cache, or images encoded on the fly ----
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} (global) is not divisible by {world_size} processes")
+    local_batch = args.batch_size // world_size
+    tok = None
+    if not args.on_the_fly:
+        if not args.cache_dir:
+            raise ValueError("training reads latents from --cache-dir (written by --cache-latents); "
+                             "or pass --on-the-fly to encode images with --tokenizer every step")
+        cache = LatentCache(args.cache_dir)
+        meta = cache.meta
+        num_items, num_classes = len(cache), meta["num_classes"]
+        num_tokens, token_dim = meta["num_tokens"], meta["token_dim"]
+        mean, std, tok_path = meta["latent_mean"], meta["latent_std"], meta["tokenizer"]
+    else:
+        tok = load_any_tokenizer(args.tokenizer).to(device).requires_grad_(False)
+        tcfg = tok.config
+        ds = data.make_dataset(args.data_path, tcfg.image_size, train=True, seed=args.seed,
+                               builtin_size=args.builtin_size)
+        num_items, num_classes = len(ds), len(ds.classes)
+        num_tokens, token_dim, tok_path = tcfg.num_tokens, tcfg.token_dim, os.path.abspath(args.tokenizer)
+        stats = tokenizer_stats(tok)
+        if stats is None:   # estimate over the first STATS_IMAGES evaluation-cropped images
+            eval_ds = data.make_dataset(args.data_path, tcfg.image_size, train=False, seed=args.seed,
+                                        builtin_size=args.builtin_size)
+            subset = Subset(eval_ds, range(rank, min(STATS_IMAGES, len(eval_ds)), world_size))
+            moments = [0.0, 0.0, 0]
+
+            def on_batch(z, y):
+                moments[0] += z.double().sum().item()
+                moments[1] += z.double().square().sum().item()
+                moments[2] += z.numel()
+            encode_images(tok, DataLoader(subset, batch_size=ENCODE_BATCH, num_workers=args.num_workers),
+                          device, on_batch)
+            stats = all_reduce_moments(*moments, device)
+        mean, std = stats
+        sampler = data.ResumableSampler(ds, rank, world_size, seed=args.seed)
+    steps_per_epoch = num_items // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the data set ({num_items} items) is smaller than one global batch ({args.batch_size})")
+    total_steps = args.steps if args.steps else args.epochs * steps_per_epoch
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+
+    # ---- model, EMA, optimizer ----
+    torch.manual_seed(args.seed)    # same initial weights on every rank
+    model = generators.make_generator(args.model, num_tokens, token_dim, num_classes=num_classes).to(device)
+    ema = training.EMA(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                            weight_decay=args.weight_decay)
+    settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS}
+    guard = training.NanGuard()
+    step = 0
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    if args.resume:
+        ckpt = training.load_checkpoint(ckpt_path)
+        training.check_config(ckpt["config"], dataclasses.asdict(model.config), "generator checkpoint")
+        training.check_config(ckpt["settings"], settings, "generator checkpoint")
+        if len(ckpt["rng"]) != world_size:
+            raise ValueError(f"'{ckpt_path}' was written by {len(ckpt['rng'])} processes; resume needs "
+                             f"the same number (this run has {world_size})")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        guard.load_state_dict(ckpt["nan_guard"])
+        step = int(ckpt["step"])
+        training.set_rng_state(ckpt["rng"][rank], device)
+        training.print0(f"resumed from {ckpt_path} at step {step}")
+    else:
+        torch.manual_seed(args.seed + rank)   # different noise / timesteps / class dropout per rank
+    ddp_model = DDP(LossModule(model)) if dist.is_initialized() else LossModule(model)
+    training.print0(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+                    f"{num_items} training items, {num_tokens}x{token_dim} latents "
+                    f"(mean {mean:.6f}, std {std:.6f}); "
+                    f"{total_steps} steps of global batch {args.batch_size} on {world_size} x {device.type}")
+
+    def save():
+        states = [None] * world_size
+        if dist.is_initialized():
+            dist.all_gather_object(states, training.rng_state(device))
+        else:
+            states = [training.rng_state(device)]
+        states = [{k: v.cpu() for k, v in s.items()} for s in states]
+        if rank == 0:
+            training.save_checkpoint(ckpt_path, {
+                "config": dataclasses.asdict(model.config), "model": model.state_dict(), "ema": ema.state_dict(),
+                "latent_mean": mean, "latent_std": std, "tokenizer": tok_path, "optimizer": opt.state_dict(),
+                "step": step, "rng": states, "nan_guard": guard.state_dict(), "settings": settings})
+
+    # ---- loop ----
+    model.train()
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type != "cpu")
+    order_epoch, loader_epoch = None, None
+    loss_sum, loss_count, t0 = 0.0, 0, time.time()
+    stop = min(total_steps, args.stop_at or total_steps)
+    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    while step < stop:
+        epoch, pos = divmod(step, steps_per_epoch)
+        if not args.on_the_fly:
+            if epoch != order_epoch:
+                (order, flips), order_epoch = epoch_order(num_items, args.seed, epoch), epoch
+            # this rank's share of global batch `pos` of the epoch
+            idx = order[pos * args.batch_size + rank: (pos + 1) * args.batch_size: world_size]
+            z, y = cache.batch(idx, flips[idx])
+        else:
+            if epoch != loader_epoch:   # (re)start the loader at this step's place in the epoch
+                sampler.set_position(epoch, pos * local_batch)
+                batches = iter(DataLoader(ds, batch_size=local_batch, sampler=sampler, drop_last=True,
+                                          num_workers=args.num_workers,   # own generator: global RNG untouched
+                                          generator=torch.Generator().manual_seed(args.seed)))
+                loader_epoch = epoch
+            x, y = next(batches)
+            with torch.no_grad():
+                z = tok.encode(x.to(device))
+        x = ((z.to(device) - mean) / std).float()             # Sec. 4: normalised latents
+        y = y.to(device)
+
+        lr = args.lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else args.lr   # MAR: linear warm-up
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast:
+            loss = ddp_model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        # MAR clips at 3.0; DiT / SiT do not clip (the norm is still computed for the NaN guard)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        if guard.ok(loss, grad_norm):
+            opt.step()
+            ema.update(model, args.ema)
+            loss_sum += loss.item()
+            loss_count += 1
+        step += 1
+
+        if step % args.log_every == 0 or step == stop:
+            avg = torch.tensor([loss_sum / max(loss_count, 1)], device=device)
+            if dist.is_initialized():
+                dist.all_reduce(avg)
+                avg /= world_size
+            elapsed = time.time() - t0
+            rec = dict(step=step, loss=avg.item(), lr=lr, img_per_s=loss_count * args.batch_size / elapsed,
+                       nan_skipped=guard.skipped)
+            training.print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in rec.items()))
+            if log_file:
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+            loss_sum, loss_count, t0 = 0.0, 0, time.time()
+        if step % args.ckpt_every == 0 or step == stop:
+            save()
+    if log_file:
+        log_file.close()
+    training.print0(f"done: {ckpt_path} (step {step} of {total_steps})")
+
+
+def main(args):
+    rank, _, world_size, device = training.setup_ddp(args.device)
+    try:
+        if args.cache_latents:
+            if not args.cache_dir:
+                raise ValueError("--cache-latents needs --cache-dir (where the shards go)")
+            cache_latents(args, rank, world_size, device)
+        else:
+            train(args, rank, world_size, device)
+    finally:
+        training.cleanup_ddp()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=["tiny"], help="tiny: CPU run on the built-in data (< 2 min)")
+    p.add_argument("--cache-latents", action="store_true", help="encode the data set into --cache-dir and stop")
+    p.add_argument("--tokenizer", help="train_tok.py checkpoint, or a released tokenizer folder")
+    p.add_argument("--data-path", help=f"ImageFolder root or '{data.BUILTIN}'")
+    p.add_argument("--cache-dir", help="latent cache (written by --cache-latents, read by training)")
+    p.add_argument("--on-the-fly", action="store_true",
+                   help="train without a cache: encode --data-path images with --tokenizer every step")
+    p.add_argument("--builtin-size", type=int, help="images in the built-in data set")
+    p.add_argument("--out", help="output folder (ckpt.pt)")
+    p.add_argument("--model", help="generator preset (generators.GEN_PRESETS), default SiT-XL")
+    p.add_argument("--steps", type=int, help="training steps (DiT/SiT default 3M; MAR uses --epochs)")
+    p.add_argument("--epochs", type=int, help="training epochs when --steps is not given (MAR: 500)")
+    p.add_argument("--batch-size", type=int, help="global batch size (DiT/SiT 256, MAR 2048)")
+    p.add_argument("--lr", type=float, help="learning rate (DiT/SiT 1e-4, MAR 2e-4)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (DiT/SiT 0, MAR 0.02)")
+    p.add_argument("--betas", type=float, nargs=2, help="AdamW betas (DiT/SiT 0.9 0.999, MAR 0.9 0.95)")
+    p.add_argument("--warmup-epochs", type=int, help="linear lr warm-up (MAR 100, DiT/SiT 0)")
+    p.add_argument("--grad-clip", type=float, help="gradient-norm clip, 0 = off (MAR 3.0)")
+    p.add_argument("--ema", type=float, help="EMA decay (0.9999)")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--num-workers", type=int, help="data loader workers per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p.add_argument("--stop-at", type=int,
+                   help="stop (with a checkpoint) after this step; the schedule still ends at --steps")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda ...")
+    main(resolve(p.parse_args()))
