@@ -7,7 +7,7 @@
 #   bash pipeline_tiny.sh
 #
 # Environment (defaults in brackets) to shrink or move it, e.g. for the test suite:
-#   PYTHON [python3]  RUNS [runs]  TOK_ITERS [300]  GEN_IMAGES [2000]  GEN_STEPS [600]
+#   PYTHON [python3]  RUNS [runs]  TOK_ITERS [200]  GEN_IMAGES [2000]  GEN_STEPS [600]
 #   NUM_IMAGES [200]  SAMPLE_STEPS [50]  EVAL_IMAGES [500]  PROBE_IMAGES [2000]  PROBE_EPOCHS [30]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,7 +25,7 @@ stage() {   # stage NAME COMMAND...: run it, append "NAME MILLISECONDS" to timin
     echo "$name $(( ($(date +%s%N) - start) / 1000000 ))" >> "$EVAL/timings.txt"
 }
 
-stage tokenizer  $PY train_tok.py --preset tiny --out-dir "$RUNS" --iters "${TOK_ITERS:-300}"
+stage tokenizer  $PY train_tok.py --preset tiny --out-dir "$RUNS" --iters "${TOK_ITERS:-200}"
 stage cache      $PY train_gen.py --preset tiny --cache-latents --tokenizer "$TOK" --cache-dir "$RUNS/latents-tiny" \
                      --builtin-size "${GEN_IMAGES:-2000}"
 stage generator  $PY train_gen.py --preset tiny --cache-dir "$RUNS/latents-tiny" --out "$RUNS/gen-tiny" --steps "${GEN_STEPS:-600}"
