@@ -11,3 +11,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402  (after the env var so the thread pool honours it)
 
 torch.set_num_threads(1)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, *argv):
+    """Run `python <script> argv...` of the repo root inside this process (faster than a
+    subprocess; the script's `if __name__ == "__main__":` block runs)."""
+    import runpy
+    import sys
+    old = sys.argv
+    sys.argv = [script, *map(str, argv)]
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        sys.argv = old

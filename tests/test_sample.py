@@ -7,7 +7,6 @@ pipeline runs end to end with reduced steps."""
 import dataclasses
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,12 +52,7 @@ def save_models(tmp, preset="SiT-tiny"):
 
 def run_cli(*argv):
     """Run sample.py's command line in this process (as `python sample.py ...`)."""
-    old = sys.argv
-    sys.argv = ["sample.py", *map(str, argv)]
-    try:
-        runpy.run_path(os.path.join(ROOT, "sample.py"), run_name="__main__")
-    finally:
-        sys.argv = old
+    run_script("sample.py", *argv)
 
 
 def flags(ckpt, out, *extra):

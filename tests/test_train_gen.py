@@ -5,13 +5,13 @@ torchrun run of caching + training (MAR-tiny: warm-up and grad clipping)."""
 
 import dataclasses
 import os
-import runpy
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -42,12 +42,7 @@ def save_tokenizer(path, mean=None, std=None):
 
 def run_cli(*argv):
     """Run train_gen.py's command line in this process (as `python train_gen.py ...`)."""
-    old = sys.argv
-    sys.argv = ["train_gen.py", *map(str, argv)]
-    try:
-        runpy.run_path(os.path.join(ROOT, "train_gen.py"), run_name="__main__")
-    finally:
-        sys.argv = old
+    run_script("train_gen.py", *argv)
 
 
 def cache_args(tok_path, cache_dir):
