@@ -220,13 +220,18 @@ def run(args, rank, world_size, device):
                     temperature=args.temperature, latent_mean=mean, latent_std=std)
 
     # ---- output folder; a rerun must use the same settings (else its images would differ) ----
+    # Every rank checks (not only rank 0), so a mismatch stops all ranks instead of leaving the
+    # others waiting at the barrier; the barrier keeps rank 0's write after everybody's read.
     meta_path = os.path.join(args.out, "meta.json")
+    meta_existed = os.path.isfile(meta_path)
+    if meta_existed:
+        with open(meta_path) as f:
+            training.check_config(json.load(f), settings, f"existing samples in '{args.out}'")
+    if dist.is_initialized():
+        dist.barrier()
     if rank == 0:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        if os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                training.check_config(json.load(f), settings, f"existing samples in '{args.out}'")
-        else:
+        if not meta_existed:
             with open(meta_path, "w") as f:
                 json.dump(settings, f, indent=1)
     if dist.is_initialized():
