@@ -131,13 +131,33 @@ def _check_images(images, name):
                          f"got {images.dtype} {images.shape}")
 
 
-def save_images_npz(path, images):
-    """Write uint8 images (N, H, W, 3) as `arr_0` of an ADM-style .npz (atomically)."""
-    images = np.asarray(images)
-    _check_images(images, path)
+def save_images_npz(path, images, count=None):
+    """Write uint8 images as `arr_0` (N, H, W, 3) of an ADM-style .npz, atomically (temp file, rename).
+
+    `images` is an (N, H, W, 3) array, or any iterable of (H, W, 3) images with their `count`
+    (e.g. PNGs read one at a time): the file is streamed, since 50K samples at 512 px are 39 GB.
+    The layout is what np.savez writes: an uncompressed zip holding arr_0.npy."""
+    if count is None:
+        images = np.asarray(images)
+        _check_images(images, path)
+        count = len(images)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to tmp
-        np.savez(f, arr_0=images)
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            shape = None
+            for n, image in enumerate(images):
+                image = np.asarray(image)
+                _check_images(image[None], f"{path} image {n}")
+                if shape is None:
+                    shape = image.shape
+                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                              "fortran_order": False, "shape": (count, *shape)}
+                    np.lib.format.write_array_header_1_0(f, header)
+                elif image.shape != shape:
+                    raise ValueError(f"{path}: image {n} is {image.shape}, image 0 is {shape}: mixed sizes")
+                f.write(np.ascontiguousarray(image).tobytes())
+            if shape is None or n + 1 != count:
+                raise ValueError(f"{path}: got {0 if shape is None else n + 1} images, expected {count}")
     os.replace(tmp, path)
 
 

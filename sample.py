@@ -43,7 +43,6 @@ import json
 import math
 import os
 import time
-import zipfile
 
 import numpy as np
 import torch
@@ -135,25 +134,6 @@ def write_png(path, image):
 
 def read_png(path):
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-def write_npz(pngs, path):
-    """The PNGs as one ADM-style .npz (arr_0: uint8 N x H x W x 3, what np.savez writes: an
-    uncompressed zip holding arr_0.npy), streamed one image at a time: 50K images at 512 px are
-    39 GB, more than rank 0 should hold in memory. Written to a temp file, then renamed."""
-    first = read_png(pngs[0])
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (len(pngs), *first.shape)}
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, header)
-            for p in pngs:
-                image = read_png(p)
-                if image.shape != first.shape:
-                    raise ValueError(f"{p} is {image.shape}, {pngs[0]} is {first.shape}: mixed sample sizes")
-                f.write(image.tobytes())
-    os.replace(tmp, path)
 
 
 def to_hwc_uint8(x):
@@ -268,7 +248,8 @@ def run(args, rank, world_size, device):
     if rank != 0:
         return
     npz = os.path.join(args.out, "samples.npz")
-    write_npz([png_path(args, i) for i in range(args.num_images)], npz)
+    evaluate.save_images_npz(npz, (read_png(png_path(args, i)) for i in range(args.num_images)),
+                             count=args.num_images)
     grid = torch.from_numpy(np.stack([read_png(png_path(args, i))
                                       for i in range(min(GRID_IMAGES, args.num_images))]))
     training.save_image_grid(grid.permute(0, 3, 1, 2).float() / 127.5 - 1, os.path.join(args.out, "grid.png"))
