@@ -583,13 +583,21 @@ def run(args, rank, world, device):
         peak = (getattr(torch, device.type).max_memory_allocated(device) if device.type != "cpu"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: peak RSS
         gen_f, disc_f = count_gen.get_total_flops(), count_disc.get_total_flops()
+        # The device's dense-matmul FLOP/s in the training precision, measured here: the fraction
+        # of it the step reaches is the model FLOP utilisation, and peak / (FLOPs per image) is the
+        # fastest this step could run on this device at its FLOP count.
+        import evaluate
+        matmul = evaluate.peak_flops(device, torch.bfloat16 if use_bf16 else torch.float32)
         result = {"img_per_s": round(local_batch * world / sec, 3),
                   "ms_per_step": round(sec * 1000, 1),
                   "peak_mem_gb": round(peak / 2 ** 30, 2),
                   "gflops_per_image": round((gen_f + disc_f) / local_batch / 1e9, 1),
                   "gflops_gen_step": round(gen_f / local_batch / 1e9, 1),
                   "gflops_disc_step": round(disc_f / local_batch / 1e9, 1),
-                  "achieved_tflops": round((gen_f + disc_f) / sec / 1e12, 3),   # / peak = utilisation
+                  "achieved_tflops": round((gen_f + disc_f) / sec / 1e12, 4),
+                  "matmul_peak_tflops": round(matmul / 1e12, 4),
+                  "mfu": round((gen_f + disc_f) / sec / matmul, 3),
+                  "img_per_s_at_peak": round(matmul * local_batch / (gen_f + disc_f), 3),
                   "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                              else f"cpu ({torch.get_num_threads()} threads)"),
                   "preset": args.preset, "tokens": args.tokens, "image_size": image_size,

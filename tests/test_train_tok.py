@@ -92,6 +92,19 @@ def test_full_preset_refuses_without_files(tmp_path):
         assert name in err
 
 
+
+def test_benchmark_json(tmp_path):
+    """--benchmark prints one JSON line whose fields agree with each other: FLOPs of both steps
+    (every term active: the discriminator step has work), utilisation = achieved / matmul peak."""
+    _, out, _ = run(["--preset", "tiny", "--batch", "2", "--benchmark", "1"], tmp_path)
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["gflops_gen_step"] > 0 and r["gflops_disc_step"] > 0
+    assert r["gflops_per_image"] == pytest.approx(r["gflops_gen_step"] + r["gflops_disc_step"], abs=0.11)
+    assert r["ms_per_step"] == pytest.approx(1000 * r["batch"] / r["img_per_s"], rel=0.01)
+    assert r["mfu"] == pytest.approx(r["achieved_tflops"] / r["matmul_peak_tflops"], rel=0.05, abs=2e-3)
+    assert 0 < r["mfu"] < 1 and r["img_per_s_at_peak"] > r["img_per_s"]
+    assert r["precision"] == "fp32" and r["device"].startswith("cpu")
+
 # ---- the loss pieces against their literal definitions ----
 
 def test_align_loss_is_eq6_with_repeated_latents():
