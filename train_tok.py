@@ -86,8 +86,8 @@ TINY_DEFAULTS = dict(global_batch=16, iters=200, lr=0.016, min_lr=1e-4, warmup=2
 # Excluded from the resume config check: flags that do not change what is computed, file locations
 # (files get moved; their contents are not checked) and the encoder init (used only at step 0).
 RUN_ONLY_FLAGS = {"resume", "stop_at", "log_every", "vis_every", "ckpt_every", "num_workers",
-                  "out_dir", "benchmark", "benchmark_warmup", "data_path", "vgg_path", "dino_path",
-                  "teacher_path", "encoder_init"}
+                  "out_dir", "benchmark", "benchmark_warmup", "benchmark_profile", "data_path",
+                  "vgg_path", "dino_path", "teacher_path", "encoder_init"}
 
 
 # ---- pieces of the objective ----
@@ -574,11 +574,16 @@ def run(args, rank, world, device):
             discriminator_step(x, recs, step)
         if device.type != "cpu":
             getattr(torch, device.type).reset_peak_memory_stats(device)
+        # --benchmark-profile: torch.profiler over the timed iterations, a table of where time goes
+        profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                           ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+                    if args.benchmark_profile else nullcontext())
         sync()
         t0 = time.perf_counter()
-        for _ in range(args.benchmark):
-            discriminator_step(x, generator_step(x, step)[1], step)
-        sync()
+        with profiler:
+            for _ in range(args.benchmark):
+                discriminator_step(x, generator_step(x, step)[1], step)
+            sync()
         sec = (time.perf_counter() - t0) / args.benchmark
         peak = (getattr(torch, device.type).max_memory_allocated(device) if device.type != "cpu"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: peak RSS
@@ -603,6 +608,9 @@ def run(args, rank, world, device):
                   "preset": args.preset, "tokens": args.tokens, "image_size": image_size,
                   "batch": local_batch, "precision": "bf16" if use_bf16 else "fp32"}
         print0(json.dumps(result))
+        if args.benchmark_profile:
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print0(profiler.key_averages().table(sort_by=key, row_limit=25))
         return
 
     # ---- data ----
@@ -774,4 +782,6 @@ if __name__ == "__main__":
                    help="stop with a checkpoint after this step (the lr schedule still ends at --iters)")
     p.add_argument("--benchmark", type=int, default=0, help="time N iterations, print one JSON line, exit")
     p.add_argument("--benchmark-warmup", type=int, default=1, help="untimed iterations before timing")
+    p.add_argument("--benchmark-profile", action="store_true",
+                   help="also print torch.profiler's table of the ops that take the time (slower)")
     main(p.parse_args())
