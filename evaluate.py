@@ -855,6 +855,12 @@ def main_recon(args):
         for name, missing in (("rFID", no_inception), ("LPIPS", no_lpips)):
             if missing:
                 training.print0(f"{name}: {missing}")
+        if args.grid and rank == 0:         # the first images of the set (top) and their reconstructions
+            x = torch.stack([dataset[i][0] for i in range(min(args.grid_images, len(dataset)))]).to(device)
+            with torch.no_grad():
+                x_rec = model(x)[0]
+            training.save_image_grid(torch.cat([x, x_rec]), args.grid, nrow=x.shape[0])
+            print(f"grid: {args.grid} (top: inputs, bottom: reconstructions)")
     finally:
         training.cleanup_ddp()
 
@@ -981,6 +987,8 @@ if __name__ == "__main__":
     p.add_argument("--num-images", type=int, default=0, help="a fixed random subset (0: all)")
     p.add_argument("--inception", default=None, help=f"{INCEPTION_FILE} (rFID)")
     p.add_argument("--vgg", default=None, help=f"{VGG_FILE} (LPIPS)")
+    p.add_argument("--grid", default=None, help="also save a PNG: the first images and their reconstructions")
+    p.add_argument("--grid-images", type=int, default=16, help="images in --grid")
 
     p = sub.add_parser("linear-probe", help="linear probing of mean-pooled tokenizer latents")
     tokenizer_args(p)

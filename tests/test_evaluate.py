@@ -292,10 +292,12 @@ def test_recon_reports_what_needs_no_weights(tiny_ckpt, tmp_path, monkeypatch, c
     args = SimpleNamespace(command="recon", ckpt=tiny_ckpt, released=None, data_path="builtin",
                            num_images=10, batch_size=4, num_workers=0,
                            inception=str(tmp_path / E.INCEPTION_FILE), vgg=str(tmp_path / E.VGG_FILE),
-                           out=str(tmp_path / "recon.json"))
+                           out=str(tmp_path / "recon.json"), grid=str(tmp_path / "grid.png"), grid_images=4)
     E.main(args)
     printed = capsys.readouterr().out
     assert f"rFID: needs {E.INCEPTION_FILE}" in printed and f"LPIPS: needs {E.VGG_FILE}" in printed
+    from PIL import Image
+    assert Image.open(args.grid).size == (4 * 34 + 2, 2 * 34 + 2)      # 4 inputs over 4 reconstructions
     with open(args.out) as f:
         results = json.load(f)
     assert results["num_images"] == 10 and "rfid" not in results
