@@ -855,8 +855,9 @@ def main_recon(args):
         for name, missing in (("rFID", no_inception), ("LPIPS", no_lpips)):
             if missing:
                 training.print0(f"{name}: {missing}")
-        if args.grid and rank == 0:         # the first images of the set (top) and their reconstructions
-            x = torch.stack([dataset[i][0] for i in range(min(args.grid_images, len(dataset)))]).to(device)
+        if args.grid and rank == 0:   # images spread evenly over the set (so over its classes), top,
+            picks = torch.linspace(0, len(dataset) - 1, min(args.grid_images, len(dataset))).long()
+            x = torch.stack([dataset[int(i)][0] for i in picks]).to(device)    # reconstructions below
             with torch.no_grad():
                 x_rec = model(x)[0]
             training.save_image_grid(torch.cat([x, x_rec]), args.grid, nrow=x.shape[0])
@@ -987,7 +988,7 @@ if __name__ == "__main__":
     p.add_argument("--num-images", type=int, default=0, help="a fixed random subset (0: all)")
     p.add_argument("--inception", default=None, help=f"{INCEPTION_FILE} (rFID)")
     p.add_argument("--vgg", default=None, help=f"{VGG_FILE} (LPIPS)")
-    p.add_argument("--grid", default=None, help="also save a PNG: the first images and their reconstructions")
+    p.add_argument("--grid", default=None, help="also save a PNG: images spread over the set and their reconstructions")
     p.add_argument("--grid-images", type=int, default=16, help="images in --grid")
 
     p = sub.add_parser("linear-probe", help="linear probing of mean-pooled tokenizer latents")
