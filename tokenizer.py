@@ -45,10 +45,11 @@ IN_CHANNELS = 3             # RGB
 # Position grids are resized like timm does it (what the official code uses when it loads DINOv2
 # and when an image size differs from the model's): bicubic with anti-aliasing.
 POS_INTERPOLATION = "bicubic"
-# FlexiViT pseudo-inverse patch-kernel resize: the resize operator whose pseudo-inverse is taken
-# (bilinear as in the FlexiViT paper; timm's checkpoint filter defaults to bicubic with
-# anti-aliasing: both give the exact pinv property for 14 -> 16, the kernels differ slightly).
-KERNEL_INTERPOLATION = "bilinear"
+# FlexiViT pseudo-inverse patch-kernel resize: the resize operator whose pseudo-inverse is taken.
+# timm's checkpoint filter (what the official code loads DINOv2 with) uses bicubic with
+# anti-aliasing (PIL's cubic kernel); the FlexiViT paper used bilinear. Either gives the exact
+# pinv property for 14 -> 16; the kernels differ slightly, so we follow the official code.
+KERNEL_INTERPOLATION = "bicubic"
 
 # Sec. 4 / Table 5: 64 tokens of D = 32 or 32 tokens of D = 64 (other L need an explicit token_dim).
 TOKEN_DIMS = {64: 32, 32: 64}
@@ -496,8 +497,9 @@ def print_parameter_counts():
 def resample_patch_kernel(weight, new_size):
     """FlexiViT pseudo-inverse resize of a conv patch kernel (C, 3, h, w) -> (C, 3, n, n).
 
-    With B the (n*n, h*w) matrix of the linear resize operator (KERNEL_INTERPOLATION; column j is
-    the resize of the j-th basis patch), the new kernel is pinv(B^T) w, so that for any patch x:
+    With B the (n*n, h*w) matrix of the linear resize operator (KERNEL_INTERPOLATION with
+    anti-aliasing, as timm; column j is the resize of the j-th basis patch), the new kernel is
+    pinv(B^T) w, so that for any patch x:
     <resize(x), w_new> = x^T B^T pinv(B^T) w = <x, w> (exact when upsampling, e.g. 14 -> 16).
     """
     C, I, h, w = weight.shape
@@ -505,7 +507,7 @@ def resample_patch_kernel(weight, new_size):
         return weight
     basis = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
     resized = F.interpolate(basis, size=(new_size, new_size), mode=KERNEL_INTERPOLATION,
-                            align_corners=False)
+                            align_corners=False, antialias=True)
     B = resized.reshape(h * w, new_size * new_size).T                # (n*n, h*w)
     new = weight.double().reshape(C * I, h * w) @ torch.linalg.pinv(B.T).T
     return new.reshape(C, I, new_size, new_size).to(weight.dtype)

@@ -250,10 +250,10 @@ def test_dinov2_loading_resamples_kernel_and_positions(tmp_path):
     assert loaded["pos_embed"].shape == (1, 1 + 4 * 4, 32)
     assert torch.equal(loaded["pos_embed"][:, 0], state["pos_embed"][:, 0])   # cls position kept
     assert torch.allclose(loaded["pos_embed"][0, 1:], torch.linspace(-1, 1, 32).expand(16, -1), atol=1e-5)
-    # FlexiViT: a 14x14 patch, bilinearly resized to 16x16, embeds under the new kernel exactly as
-    # the original patch under the 14x14 kernel.
+    # FlexiViT: a 14x14 patch, resized to 16x16 (timm's bicubic with anti-aliasing), embeds under the
+    # new kernel exactly as the original patch under the 14x14 kernel.
     patch14 = torch.randn(5, 3, 14, 14)
-    patch16 = F.interpolate(patch14, size=(16, 16), mode="bilinear", align_corners=False)
+    patch16 = F.interpolate(patch14, size=(16, 16), mode="bicubic", align_corners=False, antialias=True)
     old = F.conv2d(patch14, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"]).flatten(1)
     new = vit.patch_embed.proj(patch16).flatten(1)
     assert (new - old).abs().max() < 1e-4
