@@ -471,7 +471,9 @@ def run(args, rank, world, device):
     if local_batch % micro:
         raise ValueError(f"per-rank batch {local_batch} is not divisible by --micro-batch {micro}")
     base_lr = args.lr * args.global_batch / 256        # App. C.1: lr 1e-4 at batch 256, scaled
-    use_bf16 = device.type != "cpu" and args.precision == "bf16"     # CPUs train in fp32
+    # bf16 autocast on accelerators (App. C.1); CPUs default to fp32, where bf16 is emulated (slow)
+    # but still runs, which lets a CPU test exercise the bf16 code path
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type != "cpu")
     autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
     guard, guard_d = training.NanGuard(), training.NanGuard()
     lecam_ema = torch.zeros(2, device=device)           # EMA of mean (real, fake) logits
@@ -671,7 +673,7 @@ def run(args, rank, world, device):
     stop = min(args.iters, args.stop_at or args.iters)
     print0(f"training {run_name}: steps {step} -> {stop} of {args.iters}, global batch "
            f"{args.global_batch} ({world} x {local_batch // micro} x {micro}), lr {base_lr:.2e}, "
-           f"out {out_dir}")
+           f"{'bf16 autocast' if use_bf16 else 'fp32'}, out {out_dir}")
     while step < stop:
         sampler.set_position(epoch, batch_in_epoch * local_batch)
         for x, _ in loader:
@@ -751,7 +753,8 @@ if __name__ == "__main__":
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm, 0: none")
     p.add_argument("--ema", type=float, default=None, help="EMA decay" + both("ema"))
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="on GPUs; CPUs run fp32")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast dtype; auto: bf16 on GPUs, fp32 on CPUs")
     # objective (Eq. 7, App. C.1)
     p.add_argument("--lpips-weight", type=float, default=1.0, help="lambda_1, LPIPS-VGG")
     p.add_argument("--lpips-warmup", type=int, default=None, help="LPIPS warm-up" + both("lpips_warmup"))

@@ -76,6 +76,7 @@ def test_torchrun_two_ranks_identical_weights(tmp_path):
 
 def test_readme_command_tiny(tmp_path):
     _, out, _ = run(["--preset", "tiny", "--iters", "3", "--log-every", "1"], tmp_path)
+    assert ", fp32, " in out                                             # auto precision on a CPU
     for term in ("LPIPS", "adversarial", "alignment"):                    # no files -> off, and said
         assert f"-> {term} term off" in out
     assert os.path.isfile(tmp_path / "tiny-64" / "ckpt.pt")
@@ -91,6 +92,19 @@ def test_full_preset_refuses_without_files(tmp_path):
                  "dinov2_vits14_pretrain.pth"):
         assert name in err
 
+
+
+def test_bf16_autocast_path_runs_on_cpu(tmp_path):
+    """The GPU recipe trains under bf16 autocast; forcing it on the CPU runs the same code path
+    (every loss term, both optimisers) and must give finite losses and weights."""
+    _, out, _ = run(FAST + ["--iters", "2", "--name", "bf16", "--precision", "bf16"], tmp_path)
+    assert "bf16 autocast" in out
+    logs = read_log(tmp_path / "bf16" / "log.jsonl")
+    assert len(logs) == 2 and logs[-1]["nan_skipped"] == 0
+    assert all(torch.isfinite(torch.tensor(float(logs[-1][k]))) for k in ("recon", "lpips", "adv", "align", "d_loss"))
+    ckpt = training.load_checkpoint(str(tmp_path / "bf16" / "ckpt.pt"))
+    assert ckpt["train_config"]["precision"] == "bf16"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 def test_benchmark_json(tmp_path):
