@@ -320,10 +320,13 @@ def train(args, rank, world_size, device):
     else:
         torch.manual_seed(args.seed + rank)   # different noise / timesteps / class dropout per rank
     ddp_model = DDP(LossModule(model)) if dist.is_initialized() else LossModule(model)
+    # bf16 autocast on accelerators; CPUs default to fp32 (--precision bf16 forces it: slow, same path)
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type != "cpu")
     training.print0(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                     f"{num_items} training items, {num_tokens}x{token_dim} latents "
                     f"(mean {mean:.6f}, std {std:.6f}); "
-                    f"{total_steps} steps of global batch {args.batch_size} on {world_size} x {device.type}")
+                    f"{total_steps} steps of global batch {args.batch_size} on {world_size} x {device.type}, "
+                    f"{'bf16 autocast' if use_bf16 else 'fp32'}")
 
     def save():
         states = [None] * world_size
@@ -340,7 +343,7 @@ def train(args, rank, world_size, device):
 
     # ---- loop ----
     model.train()
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type != "cpu")
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
     order_epoch, loader_epoch = None, None
     loss_sum, loss_count, t0 = 0.0, 0, time.time()
     stop = min(total_steps, args.stop_at or total_steps)
@@ -445,4 +448,6 @@ if __name__ == "__main__":
     p.add_argument("--stop-at", type=int,
                    help="stop (with a checkpoint) after this step; the schedule still ends at --steps")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda ...")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast dtype; auto: bf16 on GPUs, fp32 on CPUs")
     main(resolve(p.parse_args()))

@@ -145,6 +145,19 @@ def test_resume_is_bit_identical(cached, tmp_path, source):
         run_cli(*common, "--out", tmp_path / "b", "--resume", "--lr", 0.5)
 
 
+def test_bf16_autocast_path_runs_on_cpu(cached, tmp_path, capsys):
+    """--precision bf16 runs the accelerators' autocast path on the CPU: finite, trained weights."""
+    tmp, _ = cached
+    run_cli("--preset", "tiny", "--cache-dir", tmp / "cache", "--steps", 3, "--batch-size", 8, "--log-every", 1,
+            "--device", "cpu", "--precision", "bf16", "--out", tmp_path / "bf16")
+    assert "bf16 autocast" in capsys.readouterr().out
+    state = load_state(tmp_path / "bf16" / "ckpt.pt")
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values())
+    torch.manual_seed(0)
+    init = generators.make_generator("SiT-tiny", TOKENS, DIM, num_classes=10).state_dict()
+    assert any(not torch.equal(v, state["model"][k]) for k, v in init.items())
+
+
 def test_two_process_torchrun_cache_and_train(cached, tmp_path):
     """gloo DDP on the CPU: caching over 2 ranks gives the single-process cache's statistics;
     MAR-tiny trains 2 steps (warm-up, clipping) and checkpoints both ranks' RNG states."""
