@@ -13,7 +13,7 @@ What is here:
   * `ResumableSampler`: torch's DistributedSampler (same shuffled order per epoch, same sharding
     over ranks) that can start in the middle of an epoch, and hands every sample its own
     augmentation seed derived from (seed, epoch, index). Random crops and flips therefore depend on
-    neither the number of loader workers nor on when a run was resumed: resume is bit-exact.
+    neither the number of loader workers nor on when a run was resumed (bit-exact resume on the CPU).
 
 Every image comes out as a float tensor (3, S, S) in [-1, 1] with an int class label.
 A dataset can be indexed with an int (augmentation seeded by (seed, index)) or with the

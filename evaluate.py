@@ -573,10 +573,10 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=PROBE
     """
     g = torch.Generator().manual_seed(seed)
     dim = train_x.shape[1]
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=PROBE_BN_EPS),
-                         nn.Linear(dim, num_classes)).to(device)
-    nn.init.normal_(head[1].weight, std=PROBE_INIT_STD, generator=g)
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=PROBE_BN_EPS), nn.Linear(dim, num_classes))
+    nn.init.normal_(head[1].weight, std=PROBE_INIT_STD, generator=g)   # on the CPU: g is a CPU generator
     nn.init.zeros_(head[1].bias)
+    head = head.to(device)
     opt = LAMB(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
     total = epochs * steps_per_epoch
@@ -688,8 +688,9 @@ def reconstruction_metrics(model, loader, device, inception=None, lpips_model=No
 
 @torch.no_grad()
 def encode_latents(model, loader, device, pool="mean", show=True):
-    """Pooled latents (N, D) for mean, (N, L*D) for flatten, and labels of every image of every
-    DDP rank (gathered on all ranks; order: rank by rank)."""
+    """Pooled latents (N, D) for mean, (N, L*D) for flatten, and labels. Under DDP rank 0 gets
+    those of every rank (order: rank by rank; only rank 0 holds them all, as flattened ImageNet
+    latents are GBs); other ranks get their own."""
     feats, labels = [], []
     for x, y in tqdm(loader, desc="encode", unit="batch", disable=not show):
         z = model.encode(x.to(device)).float()             # z_q (B, L, D), before normalisation
@@ -697,9 +698,11 @@ def encode_latents(model, loader, device, pool="mean", show=True):
         labels.append(torch.as_tensor(y))
     feats, labels = torch.cat(feats), torch.cat(labels)
     if torch.distributed.is_initialized():
-        parts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, (feats, labels))
-        feats, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        rank0 = torch.distributed.get_rank() == 0
+        parts = [None] * torch.distributed.get_world_size() if rank0 else None
+        torch.distributed.gather_object((feats, labels), parts, dst=0)
+        if rank0:
+            feats, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return feats, labels
 
 
@@ -944,6 +947,10 @@ COMMANDS = {"gen": main_gen, "fid": main_gen, "is": main_gen, "prec-recall": mai
 
 
 def main(args):
+    # Metrics in full fp32: PyTorch lets cuDNN convolutions use TF32 on Ampere and newer GPUs by
+    # default, which would shift the Inception (FID / IS) and VGG (LPIPS) features.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     COMMANDS[args.command](args)
 
 

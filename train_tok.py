@@ -227,9 +227,12 @@ class DinoDiscriminator(nn.Module):
         return [(t[:, 1:] + t[:, :1]).transpose(1, 2) for t in taps]          # readout: patches + cls
 
     def heads_logits(self, feats, views):
-        """Heads on features of `views` equal-size views -> (sum of B, 5N) logits."""
+        """Heads on features of `views` equal-size views -> (sum of B, 5N) logits. The heads run in
+        fp32 even under bf16 autocast: spectral norm's power iteration (a matrix-vector product that
+        CUDA autocast would do in bf16) estimates sigma, and the heads are small."""
         groups = views * bn_groups(feats[0].shape[0] // views)       # BatchNorm statistics per view
-        return torch.cat([head(f, groups).flatten(1) for head, f in zip(self.heads, feats)], dim=1)
+        with torch.autocast(device_type=feats[0].device.type, enabled=False):
+            return torch.cat([head(f.float(), groups).flatten(1) for head, f in zip(self.heads, feats)], dim=1)
 
     def forward(self, x):
         return self.heads_logits(self.features([x]), 1)

@@ -372,3 +372,21 @@ def test_recon_two_process_torchrun_equals_one_process(tiny_ckpt, tmp_path):
     assert ddp["num_images"] == single["num_images"] == 9
     for key in ("psnr", "ssim", "codebook_usage"):
         assert abs(ddp[key] - single[key]) < 1e-9 * max(1.0, abs(single[key])), key
+
+
+def test_linear_probe_two_process_torchrun_gathers_every_image(tiny_ckpt, tmp_path):
+    """DDP (2 gloo processes): rank 0 gathers every rank's latents (odd counts: uneven shards)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "probe.json")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(root, "evaluate.py"), "linear-probe", "--ckpt", tiny_ckpt,
+                    "--train-path", "builtin", "--val-path", "builtin", "--max-train-images", "41",
+                    "--max-val-images", "19", "--epochs", "2", "--batch-size", "8", "--num-workers", "0",
+                    "--out", out], check=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   capture_output=True, timeout=120)
+    with open(out) as f:
+        results = json.load(f)
+    assert results["train_images"] == 41 and results["val_images"] == 19
+    assert results["feature_dim"] == 8 and 0 <= results["top1"] <= 100
