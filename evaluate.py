@@ -10,9 +10,10 @@ Paper: "SoftVQ-VAE: Efficient 1-Dimensional Continuous Tokenizer" (arXiv 2412.10
                     python evaluate.py fid samples_folder/ ref_stats.npz
                     python evaluate.py is samples.npz
   stats         mean / covariance of the Inception features of an image set, written to an
-                ADM-style `.npz` (`mu`, `sigma`) that `fid` / `gen` accept as the reference.
+                ADM-style `.npz` (`mu`, `sigma`) that `fid` accepts as the reference (`gen` and
+                `prec-recall` need the reference images themselves).
   recon         rFID, PSNR, SSIM, LPIPS and codebook usage of a tokenizer on an image folder
-                (ImageNet val by default, center crop), DDP-capable:
+                given by --data-path (ImageNet val in the paper; centre crops), DDP-capable:
                     torchrun --nproc_per_node=8 evaluate.py recon --ckpt tok.pt --data-path VAL
   linear-probe  top-1 of a parameter-free BatchNorm + linear classifier on the mean-pooled latents
                 of a frozen tokenizer (App. C.3: LAMB, lr 0.003 cosine, batch 16384, 90 epochs).

@@ -8,7 +8,9 @@ detached scalar diagnostics for logging (codebook usage, perplexity, mean max-pr
 cos(z_hat, z_q), temperatures).
 
 Quantizers (paper: "SoftVQ-VAE: Efficient 1-Dimensional Continuous Tokenizer", arXiv 2412.10958):
-  "softvq"  SoftVQ, Eq. 4: q = Softmax(-||z_hat - C|| / tau), z = q C, plus the entropy ("kl") term.
+  "softvq"  SoftVQ, Eq. 4: q = Softmax(-||z_hat - C|| / tau), z = q C, plus the entropy ("kl") term
+            (that literal posterior is posterior="euclid"; the default, as the official code, is
+            "cosine": Softmax(cos(z_hat, C) / tau)).
             With product quantization (PQ, Eq. 12), residual quantization (RQ, Eq. 13) and both
             (R-PQ), the variants of Table 5.
   "gmmvq"   GMMVQ, Eq. 11: the same with a data-dependent inverse temperature omega(z_hat).

@@ -7,14 +7,14 @@ Paper Sec. 4 and App. C.2. Two steps:
    the latent mean / std over the whole set (scalars, gathered over all ranks). A tokenizer that
    already carries them (the released ones: vq_mean / vq_std) is used as is.
 
-       torchrun --nproc_per_node=8 train_gen.py --cache-latents --tokenizer runs/tok-l-64/ckpt.pt \\
-           --data-path /data/imagenet/train --cache-dir runs/latents-l-64
+       torchrun --nproc_per_node=8 train_gen.py --cache-latents --tokenizer runs/L-64/ckpt.pt \\
+           --data-path /data/imagenet/train --cache-dir runs/latents-L-64
 
 2. Training reads the cache (or, with --on-the-fly, encodes every batch of images), normalises
    the latents, (z - mean) / std (Sec. 4), and trains the generator with its own `.loss(x, y)`:
 
-       torchrun --nproc_per_node=8 train_gen.py --cache-dir runs/latents-l-64 --model SiT-XL \\
-           --out runs/sit-xl-l-64
+       torchrun --nproc_per_node=8 train_gen.py --cache-dir runs/latents-L-64 --model SiT-XL \\
+           --out runs/sit-xl-L-64
 
 Defaults are the paper's recipes (App. C.2), chosen by the model family:
   DiT / SiT: AdamW (weight decay 0), constant lr 1e-4, global batch 256, EMA 0.9999, 3M steps.
