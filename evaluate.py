@@ -16,7 +16,9 @@ Paper: "SoftVQ-VAE: Efficient 1-Dimensional Continuous Tokenizer" (arXiv 2412.10
                 given by --data-path (ImageNet val in the paper; centre crops), DDP-capable:
                     torchrun --nproc_per_node=8 evaluate.py recon --ckpt tok.pt --data-path VAL
   linear-probe  top-1 of a parameter-free BatchNorm + linear classifier on the mean-pooled latents
-                of a frozen tokenizer (App. C.3: LAMB, lr 0.003 cosine, batch 16384, 90 epochs).
+                of a frozen tokenizer (Fig. 3a), or with --sit on the mean-pooled output of block 20
+                of a SiT trained on them (Fig. 3b) (App. C.3: LAMB, lr 0.003 cosine, batch 16384,
+                90 epochs).
   flops         GFLOPs (multiply-accumulates, as the paper's tables) of one forward of tokenizer
                 encoders/decoders and generators.
   throughput    training and sampling images/s (fp32, batch 64 as Tables 1-2) on whatever device
@@ -40,6 +42,7 @@ import math
 import os
 import time
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import scipy.linalg
@@ -75,6 +78,7 @@ PROBE_BATCH = 16384
 PROBE_LR = 0.003
 PROBE_INIT_STD = 0.01       # MAE linear probe: head weights ~ N(0, 0.01), bias 0
 PROBE_BN_EPS = 1e-6         # MAE linear probe: BatchNorm1d(affine=False, eps=1e-6)
+SIT_PROBE_LAYER = 20        # Fig. 3b probes the output of SiT block 20
 
 # ---- efficiency (Tables 1-2: fp32, batch 64) ----
 BENCH_BATCH = 64
@@ -688,14 +692,18 @@ def reconstruction_metrics(model, loader, device, inception=None, lpips_model=No
 
 
 @torch.no_grad()
-def encode_latents(model, loader, device, pool="mean", show=True):
-    """Pooled latents (N, D) for mean, (N, L*D) for flatten, and labels. Under DDP rank 0 gets
-    those of every rank (order: rank by rank; only rank 0 holds them all, as flattened ImageNet
-    latents are GBs); other ranks get their own."""
+def encode_latents(model, loader, device, pool="mean", show=True, features=None):
+    """Pooled latents (N, D) for mean, (N, L*D) for flatten, and labels. `features`, if given,
+    maps each batch of latents z_q (B, L, D) to (B, F) features instead (SiT features, Fig. 3b).
+    Under DDP rank 0 gets those of every rank (order: rank by rank; only rank 0 holds them all, as
+    flattened ImageNet latents are GBs); other ranks get their own."""
     feats, labels = [], []
     for x, y in tqdm(loader, desc="encode", unit="batch", disable=not show):
         z = model.encode(x.to(device)).float()             # z_q (B, L, D), before normalisation
-        feats.append((z.mean(1) if pool == "mean" else z.flatten(1)).cpu())
+        if features is not None:
+            feats.append(features(z).float().cpu())
+        else:
+            feats.append((z.mean(1) if pool == "mean" else z.flatten(1)).cpu())
         labels.append(torch.as_tensor(y))
     feats, labels = torch.cat(feats), torch.cat(labels)
     if torch.distributed.is_initialized():
@@ -705,6 +713,27 @@ def encode_latents(model, loader, device, pool="mean", show=True):
         if rank0:
             feats, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return feats, labels
+
+
+@torch.no_grad()
+def sit_features(model, z, layer, t=0.0, generator=None):
+    """Fig. 3b: features of a trained SiT for linear probing: the output of block `layer` (1-based;
+    the paper probes layer 20), mean-pooled over the L tokens, for normalised latents z (B, L, D)
+    taken to time t of the model's interpolant (t = 0: the clean latents; the paper names no noise
+    level), with the null class as the label so that the features cannot carry it."""
+    c = model.config
+    if c.arch != "sit":
+        raise ValueError(f"SiT feature probing needs a SiT model, got {c.arch!r}")
+    if not 1 <= layer <= c.depth:
+        raise ValueError(f"--layer must be in 1..{c.depth} for this SiT, got {layer}")
+    tt = torch.full((z.shape[0],), float(t), device=z.device)
+    alpha, sigma = (a.view(-1, 1, 1) for a in model.algorithm.coefficients(tt)[:2])
+    noise = torch.randn(z.shape, generator=generator, device=z.device) if t > 0 else torch.zeros_like(z)
+    h = model.x_embedder(alpha * z + sigma * noise) + model.pos_embed
+    cond = model.t_embedder(tt) + model.y_embedder(torch.full_like(tt, c.num_classes, dtype=torch.long))
+    for block in model.blocks[:layer]:
+        h = block(h, cond)
+    return h.mean(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -873,7 +902,16 @@ def main_recon(args):
 def main_linear_probe(args):
     rank, _, world, device = training.setup_ddp()
     try:
-        model = load_tokenizer_from_args(args).to(device).eval()
+        features = None
+        if args.sit is None:                            # Fig. 3a: the tokenizer's latents
+            model = load_tokenizer_from_args(args).to(device).eval()
+        else:                                           # Fig. 3b: a SiT's intermediate features
+            import sample
+            released = args.released if args.ckpt is None else args.ckpt
+            sit, model, mean, std, _ = sample.load_models(SimpleNamespace(ckpt=args.sit, tokenizer=released))
+            sit, model = sit.to(device), model.to(device)
+            g = torch.Generator(device).manual_seed(SUBSET_SEED + rank)
+            features = lambda z: sit_features(sit, (z - mean) / std, args.layer, args.t, g)
         size = model.config.image_size
         splits = {}
         for name, path, limit, seed in (("train", args.train_path, args.max_train_images, 0),
@@ -881,7 +919,7 @@ def main_linear_probe(args):
             dataset = data.make_dataset(path, size, train=False, seed=seed)  # centre crops
             loader = make_loader(dataset, subset_indices(len(dataset), limit, rank, world),
                                  args.batch_size, world, args.num_workers)
-            splits[name] = encode_latents(model, loader, device, args.pool, rank == 0)
+            splits[name] = encode_latents(model, loader, device, args.pool, rank == 0, features)
             if name == "train":
                 num_classes = len(dataset.classes)
         if rank == 0:
@@ -999,8 +1037,13 @@ if __name__ == "__main__":
     p.add_argument("--grid", default=None, help="also save a PNG: images spread over the set and their reconstructions")
     p.add_argument("--grid-images", type=int, default=16, help="images in --grid")
 
-    p = sub.add_parser("linear-probe", help="linear probing of mean-pooled tokenizer latents")
+    p = sub.add_parser("linear-probe", help="linear probing of tokenizer latents (Fig. 3a) or SiT features (3b)")
     tokenizer_args(p)
+    p.add_argument("--sit", default=None,
+                   help="probe this SiT's features instead (train_gen.py ckpt, or released folder with "
+                        "--ckpt/--released for its tokenizer); a train_gen ckpt names its tokenizer")
+    p.add_argument("--layer", type=int, default=SIT_PROBE_LAYER, help="SiT block whose output is probed (1-based)")
+    p.add_argument("--t", type=float, default=0.0, help="interpolant time of the probed latents (0 = clean)")
     p.add_argument("--train-path", default=None, help=f"ImageFolder (ImageNet train) or '{data.BUILTIN}'")
     p.add_argument("--val-path", default=None, help=f"ImageFolder (ImageNet val) or '{data.BUILTIN}'")
     p.add_argument("--max-train-images", type=int, default=0, help="a fixed random subset (0: all)")

@@ -312,7 +312,7 @@ def test_recon_reports_what_needs_no_weights(tiny_ckpt, tmp_path, monkeypatch, c
 
 
 def test_linear_probe_subcommand(tiny_ckpt, tmp_path):
-    args = SimpleNamespace(command="linear-probe", ckpt=tiny_ckpt, released=None, train_path="builtin",
+    args = SimpleNamespace(command="linear-probe", ckpt=tiny_ckpt, released=None, sit=None, train_path="builtin",
                            val_path="builtin", max_train_images=40, max_val_images=20, pool="mean",
                            epochs=2, probe_batch_size=16, lr=0.003, weight_decay=0.0, batch_size=20,
                            num_workers=0, out=str(tmp_path / "probe.json"))
@@ -321,6 +321,47 @@ def test_linear_probe_subcommand(tiny_ckpt, tmp_path):
         results = json.load(f)
     assert results["train_images"] == 40 and results["val_images"] == 20
     assert results["feature_dim"] == 8 and 0 <= results["top1"] <= 100
+
+
+def test_sit_features_are_block_outputs_of_the_forward():
+    """Fig. 3b features = the mean over tokens of block `layer`'s output in a normal forward pass
+    with the null class (a hook on the real forward must see the same tensor)."""
+    import generators
+    torch.manual_seed(0)
+    sit = generators.make_generator("SiT-tiny", 16, 8, num_classes=10).eval()
+    for block in sit.blocks:                      # adaLN-Zero init makes blocks identities: perturb
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.05)
+    z, seen = torch.randn(3, 16, 8), []
+    hook = sit.blocks[1].register_forward_hook(lambda m, i, out: seen.append(out.mean(1)))
+    with torch.no_grad():
+        sit(z, torch.zeros(3), torch.full((3,), 10))           # t = 0, null class
+    hook.remove()
+    assert torch.allclose(E.sit_features(sit, z, layer=2), seen[0], atol=1e-6)
+    assert not torch.allclose(E.sit_features(sit, z, layer=1), seen[0], atol=1e-3)
+    noisy = E.sit_features(sit, z, layer=2, t=0.5, generator=torch.Generator().manual_seed(0))
+    assert noisy.shape == (3, sit.config.width) and not torch.allclose(noisy, seen[0], atol=1e-3)
+    with pytest.raises(ValueError, match="--layer"):
+        E.sit_features(sit, z, layer=sit.config.depth + 1)
+
+
+def test_linear_probe_of_sit_features(tiny_ckpt, tmp_path):
+    import dataclasses
+    import generators
+    import training
+    sit = generators.make_generator("SiT-tiny", 16, 8, num_classes=10)
+    path = str(tmp_path / "sit.pt")
+    training.save_checkpoint(path, {"config": dataclasses.asdict(sit.config), "model": sit.state_dict(),
+                                    "ema": sit.state_dict(), "tokenizer": tiny_ckpt,
+                                    "latent_mean": 0.1, "latent_std": 2.0})
+    args = SimpleNamespace(command="linear-probe", ckpt=None, released=None, sit=path, layer=1, t=0.0,
+                           train_path="builtin", val_path="builtin", max_train_images=40, max_val_images=20,
+                           pool="mean", epochs=2, probe_batch_size=16, lr=0.003, weight_decay=0.0,
+                           batch_size=20, num_workers=0, out=str(tmp_path / "probe.json"))
+    E.main(args)
+    with open(args.out) as f:
+        results = json.load(f)
+    assert results["train_images"] == 40 and results["feature_dim"] == sit.config.width
+    assert 0 <= results["top1"] <= 100
 
 
 def test_flops_meta_count_equals_a_real_forward():
