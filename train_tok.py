@@ -595,9 +595,11 @@ def run(args, rank, world, device):
         gen_f, disc_f = count_gen.get_total_flops(), count_disc.get_total_flops()
         # The device's dense-matmul FLOP/s in the training precision, measured here: the fraction
         # of it the step reaches is the model FLOP utilisation, and peak / (FLOPs per image) is the
-        # fastest this step could run on this device at its FLOP count.
+        # fastest this step could run on this device at its FLOP count. (CPUs: fp32 even under
+        # --precision bf16, whose matmuls most CPUs emulate far below the fp32 rate.)
         import evaluate
-        matmul = evaluate.peak_flops(device, torch.bfloat16 if use_bf16 else torch.float32)
+        peak_bf16 = use_bf16 and device.type != "cpu"
+        matmul = evaluate.peak_flops(device, torch.bfloat16 if peak_bf16 else torch.float32)
         result = {"img_per_s": round(local_batch * world / sec, 3),
                   "ms_per_step": round(sec * 1000, 1),
                   "peak_mem_gb": round(peak / 2 ** 30, 2),
