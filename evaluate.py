@@ -92,6 +92,12 @@ PEAK_MIN_SECONDS = 1.0      # repeat the peak matmul at least this long
 # ---------------------------------------------------------------------------------------------
 # Devices and weight files
 # ---------------------------------------------------------------------------------------------
+def device_name(device):
+    """What benchmarks print as the device: the accelerator's name, or the CPU's thread count."""
+    return (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu ({torch.get_num_threads()} threads)")
+
+
 def synchronize(device):
     """Wait for queued kernels (timing); a no-op on the CPU."""
     if device.type != "cpu":
@@ -852,30 +858,23 @@ def main_gen(args):
     """gen / fid / is / prec-recall."""
     metrics = {"gen": GEN_METRICS, "fid": ("fid",), "is": ("is",),
                "prec-recall": ("prec-recall",)}[args.command]
-    device = training.setup_ddp()[3]
-    try:
+    with training.distributed() as (_, _, _, device):
         report(generation_metrics(args.samples, getattr(args, "ref", None), metrics, args.inception,
                                   args.batch_size, device), args.out)
-    finally:
-        training.cleanup_ddp()
 
 
 def main_stats(args):
-    device = training.setup_ddp()[3]
-    try:
+    with training.distributed() as (_, _, _, device):
         feats, _ = inception_features(load_inception(args.inception, device), args.source,
                                       args.batch_size, device)
         stats = FeatureStats()
         stats.update(feats)
         save_stats(args.out, *stats.mean_cov())
         print(f"wrote mu / sigma of {stats.n} images to {args.out}")
-    finally:
-        training.cleanup_ddp()
 
 
 def main_recon(args):
-    rank, _, world, device = training.setup_ddp()
-    try:
+    with training.distributed() as (rank, _, world, device):
         model = load_tokenizer_from_args(args).to(device).eval()
         dataset = data.make_dataset(args.data_path, model.config.image_size, train=False,
                                     seed=BUILTIN_VAL_SEED)
@@ -895,13 +894,10 @@ def main_recon(args):
                 x_rec = model(x)[0]
             training.save_image_grid(torch.cat([x, x_rec]), args.grid, nrow=x.shape[0])
             print(f"grid: {args.grid} (top: inputs, bottom: reconstructions)")
-    finally:
-        training.cleanup_ddp()
 
 
 def main_linear_probe(args):
-    rank, _, world, device = training.setup_ddp()
-    try:
+    with training.distributed() as (rank, _, world, device):
         features = None
         if args.sit is None:                            # Fig. 3a: the tokenizer's latents
             model = load_tokenizer_from_args(args).to(device).eval()
@@ -927,8 +923,6 @@ def main_linear_probe(args):
                                       args.probe_batch_size, args.lr, args.weight_decay, device)
             report({"train_images": len(splits["train"][0]), "val_images": len(splits["val"][0]),
                     "feature_dim": splits["train"][0].shape[1], "top1": top1}, args.out)
-    finally:
-        training.cleanup_ddp()
 
 
 def main_flops(args):
@@ -952,32 +946,30 @@ def main_flops(args):
 def main_throughput(args):
     import generators
     import tokenizer
-    device = training.setup_ddp()[3]
-    dtype = DTYPES[args.dtype]
-    torch.manual_seed(0)
-    peak = peak_flops(device, dtype)
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU, {torch.get_num_threads()} threads")
-    print(f"device: {name}, {args.dtype}, matmul peak {peak / 1e12:.3f} TFLOP/s")
-    print(f"{'model':8} {'L':>3} {'batch':>5} {'steps':>5} {'train img/s':>11} {'sample img/s':>12} "
-          f"{'fwd/img':>7} {'TFLOP/s':>8} {'of peak':>7}")
-    for preset in args.models:
-        for L in args.tokens:
-            D = tokenizer.TOKEN_DIMS[L]
-            with torch.device(device):
-                model = generators.make_generator(preset, L, D)
-            steps = args.steps or (L if model.config.arch == "mar" else model.config.sampling_steps)
-            train = (f"{time_training(model, args.batch, args.train_steps, device, dtype):11.2f}"
-                     if args.train_steps else "-")
-            sample, rows = time_sampling(model, args.batch, steps, device, dtype)
-            if model.config.arch == "mar":  # encoder length and head calls vary per step
-                achieved, fraction = "-", "-"
-            else:  # every forward row: one network forward over L tokens, 2 FLOPs per MAC
-                flops = generator_macs(preset, L, D) * 2 * rows * sample
-                achieved, fraction = f"{flops / 1e12:8.3f}", f"{flops / peak:7.1%}"
-            print(f"{preset:8} {L:>3} {args.batch:>5} {steps:>5} {train:>11} {sample:12.3f} "
-                  f"{rows:7.0f} {achieved:>8} {fraction:>7}", flush=True)
-            del model
+    with training.distributed() as (_, _, _, device):
+        dtype = DTYPES[args.dtype]
+        torch.manual_seed(0)
+        peak = peak_flops(device, dtype)
+        print(f"device: {device_name(device)}, {args.dtype}, matmul peak {peak / 1e12:.3f} TFLOP/s")
+        print(f"{'model':8} {'L':>3} {'batch':>5} {'steps':>5} {'train img/s':>11} {'sample img/s':>12} "
+              f"{'fwd/img':>7} {'TFLOP/s':>8} {'of peak':>7}")
+        for preset in args.models:
+            for L in args.tokens:
+                D = tokenizer.TOKEN_DIMS[L]
+                with torch.device(device):
+                    model = generators.make_generator(preset, L, D)
+                steps = args.steps or (L if model.config.arch == "mar" else model.config.sampling_steps)
+                train = (f"{time_training(model, args.batch, args.train_steps, device, dtype):11.2f}"
+                         if args.train_steps else "-")
+                sample, rows = time_sampling(model, args.batch, steps, device, dtype)
+                if model.config.arch == "mar":  # encoder length and head calls vary per step
+                    achieved, fraction = "-", "-"
+                else:  # every forward row: one network forward over L tokens, 2 FLOPs per MAC
+                    flops = generator_macs(preset, L, D) * 2 * rows * sample
+                    achieved, fraction = f"{flops / 1e12:8.3f}", f"{flops / peak:7.1%}"
+                print(f"{preset:8} {L:>3} {args.batch:>5} {steps:>5} {train:>11} {sample:12.3f} "
+                      f"{rows:7.0f} {achieved:>8} {fraction:>7}", flush=True)
+                del model
 
 
 COMMANDS = {"gen": main_gen, "fid": main_gen, "is": main_gen, "prec-recall": main_gen,

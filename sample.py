@@ -178,11 +178,8 @@ def nn_check(samples, labels, args, tok, mean, std, device):
 
 
 def main(args):
-    rank, _, world_size, device = training.setup_ddp(args.device)
-    try:
+    with training.distributed(args.device) as (rank, _, world_size, device):
         run(args, rank, world_size, device)
-    finally:
-        training.cleanup_ddp()
 
 
 def run(args, rank, world_size, device):

@@ -407,16 +407,13 @@ def train(args, rank, world_size, device):
 
 
 def main(args):
-    rank, _, world_size, device = training.setup_ddp(args.device)
-    try:
+    with training.distributed(args.device) as (rank, _, world_size, device):
         if args.cache_latents:
             if not args.cache_dir:
                 raise ValueError("--cache-latents needs --cache-dir (where the shards go)")
             cache_latents(args, rank, world_size, device)
         else:
             train(args, rank, world_size, device)
-    finally:
-        training.cleanup_ddp()
 
 
 if __name__ == "__main__":

@@ -353,11 +353,8 @@ def main(args):
         args.fake_pretrained = True
 
     # ---- distributed setup ----
-    rank, local_rank, world, device = training.setup_ddp(args.device)
-    try:
+    with training.distributed(args.device) as (rank, _, world, device):
         run(args, rank, world, device)
-    finally:
-        training.cleanup_ddp()
 
 
 def run(args, rank, world, device):
@@ -568,9 +565,9 @@ def run(args, rank, world, device):
     # ---- benchmark: N timed iterations on a fixed random batch, every term active ----
     if args.benchmark:
         from torch.utils.flop_counter import FlopCounterMode
+        import evaluate                                         # synchronize, peak_flops, device_name
         step = max(args.disc_start, args.lpips_warmup)          # full LPIPS weight, discriminator on
         x = torch.rand(local_batch, 3, image_size, image_size, device=device) * 2 - 1
-        sync = getattr(torch, device.type).synchronize if device.type != "cpu" else (lambda: None)
         for _ in range(args.benchmark_warmup):
             discriminator_step(x, generator_step(x, step)[1], step)
         with FlopCounterMode(display=False) as count_gen:
@@ -583,12 +580,12 @@ def run(args, rank, world, device):
         profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                            ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
                     if args.benchmark_profile else nullcontext())
-        sync()
+        evaluate.synchronize(device)
         t0 = time.perf_counter()
         with profiler:
             for _ in range(args.benchmark):
                 discriminator_step(x, generator_step(x, step)[1], step)
-            sync()
+            evaluate.synchronize(device)
         sec = (time.perf_counter() - t0) / args.benchmark
         peak = (getattr(torch, device.type).max_memory_allocated(device) if device.type != "cpu"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: peak RSS
@@ -597,7 +594,6 @@ def run(args, rank, world, device):
         # of it the step reaches is the model FLOP utilisation, and peak / (FLOPs per image) is the
         # fastest this step could run on this device at its FLOP count. (CPUs: fp32 even under
         # --precision bf16, whose matmuls most CPUs emulate far below the fp32 rate.)
-        import evaluate
         peak_bf16 = use_bf16 and device.type != "cpu"
         matmul = evaluate.peak_flops(device, torch.bfloat16 if peak_bf16 else torch.float32)
         result = {"img_per_s": round(local_batch * world / sec, 3),
@@ -610,8 +606,7 @@ def run(args, rank, world, device):
                   "matmul_peak_tflops": round(matmul / 1e12, 4),
                   "mfu": round((gen_f + disc_f) / sec / matmul, 3),
                   "img_per_s_at_peak": round(matmul * local_batch / (gen_f + disc_f), 3),
-                  "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                             else f"cpu ({torch.get_num_threads()} threads)"),
+                  "device": evaluate.device_name(device),
                   "preset": args.preset, "tokens": args.tokens, "image_size": image_size,
                   "batch": local_batch, "precision": "bf16" if use_bf16 else "fp32"}
         print0(json.dumps(result))

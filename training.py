@@ -1,6 +1,6 @@
 """Training utilities shared by train_tok.py, train_gen.py, sample.py and evaluate.py.
 
-  setup_ddp() / cleanup_ddp()     torchrun-aware process group + device (world size 1 without torchrun)
+  distributed()                   torchrun-aware process group + device (world size 1 without torchrun)
   print0(...)                     print on rank 0 only
   save_checkpoint / load_checkpoint   atomic write (temp file + os.replace); torch.load(weights_only=True)
   rng_state() / set_rng_state()   python, numpy, torch CPU and accelerator RNG states, as tensors
@@ -15,6 +15,7 @@ Checkpoints hold only tensors, dicts, lists, tuples, strings and numbers, so the
 `torch.load(weights_only=True)` (no pickled code runs when a checkpoint is opened).
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -30,11 +31,14 @@ MAX_NONFINITE_IN_A_ROW = 20     # NanGuard: this many skipped steps in a row sto
 
 # ---- distributed ----
 
-def setup_ddp(device_type="auto"):
-    """Read RANK / LOCAL_RANK / WORLD_SIZE (set by torchrun), pick the device from LOCAL_RANK and
+@contextlib.contextmanager
+def distributed(device_type="auto"):
+    """`with distributed() as (rank, local_rank, world_size, device):` the body of a script.
+
+    Read RANK / LOCAL_RANK / WORLD_SIZE (set by torchrun), pick the device from LOCAL_RANK and
     start the process group: NCCL on GPUs (also ROCm, which torch calls "cuda"), gloo on CPU.
     Without torchrun: rank 0 of a world of 1, no process group. device_type "cpu" forces the CPU.
-    Returns (rank, local_rank, world_size, device)."""
+    The process group is torn down when the block ends, also on an error."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -49,13 +53,11 @@ def setup_ddp(device_type="auto"):
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 device_id=device if backend == "nccl" else None)
-    return rank, local_rank, world_size, device
-
-
-def cleanup_ddp():
-    """Tear down the process group if one was started (call in `finally`)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        yield rank, local_rank, world_size, device
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def is_rank0():
