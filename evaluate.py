@@ -903,8 +903,8 @@ def main_linear_probe(args):
             model = load_tokenizer_from_args(args).to(device).eval()
         else:                                           # Fig. 3b: a SiT's intermediate features
             import sample
-            released = args.released if args.ckpt is None else args.ckpt
-            sit, model, mean, std, _ = sample.load_models(SimpleNamespace(ckpt=args.sit, tokenizer=released))
+            tok_path = args.ckpt or args.released        # None: the one the SiT checkpoint names
+            sit, model, mean, std, _ = sample.load_models(SimpleNamespace(ckpt=args.sit, tokenizer=tok_path))
             sit, model = sit.to(device), model.to(device)
             g = torch.Generator(device).manual_seed(SUBSET_SEED + rank)
             features = lambda z: sit_features(sit, (z - mean) / std, args.layer, args.t, g)

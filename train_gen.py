@@ -320,8 +320,7 @@ def train(args, rank, world_size, device):
     else:
         torch.manual_seed(args.seed + rank)   # different noise / timesteps / class dropout per rank
     ddp_model = DDP(LossModule(model)) if dist.is_initialized() else LossModule(model)
-    # bf16 autocast on accelerators; CPUs default to fp32 (--precision bf16 forces it: slow, same path)
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type != "cpu")
+    use_bf16 = training.use_bf16(args.precision, device)
     training.print0(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
                     f"{num_items} training items, {num_tokens}x{token_dim} latents "
                     f"(mean {mean:.6f}, std {std:.6f}); "

@@ -471,9 +471,7 @@ def run(args, rank, world, device):
     if local_batch % micro:
         raise ValueError(f"per-rank batch {local_batch} is not divisible by --micro-batch {micro}")
     base_lr = args.lr * args.global_batch / 256        # App. C.1: lr 1e-4 at batch 256, scaled
-    # bf16 autocast on accelerators (App. C.1); CPUs default to fp32, where bf16 is emulated (slow)
-    # but still runs, which lets a CPU test exercise the bf16 code path
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type != "cpu")
+    use_bf16 = training.use_bf16(args.precision, device)      # App. C.1: bf16 on accelerators
     autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
     guard, guard_d = training.NanGuard(), training.NanGuard()
     lecam_ema = torch.zeros(2, device=device)           # EMA of mean (real, fake) logits

@@ -8,6 +8,7 @@
   EMA                             exponential moving average of a model's trainable weights (+ buffers)
   NanGuard                        skip steps with non-finite loss/gradients, stop after many in a row
   save_image_grid(x, path)        PNG grid of images in [-1, 1] (PIL)
+  use_bf16(precision, device)     --precision auto | bf16 | fp32 -> bf16 autocast or not
   cosine_lr(step, ...)            linear warm-up then cosine decay to a minimum
   load_tokenizer(path, ema=True)  rebuild a SoftVQ-VAE from a train_tok.py checkpoint
 
@@ -221,6 +222,13 @@ def save_image_grid(images, path, nrow=8, padding=2):
         grid[:, top:top + h, left:left + w] = images[i]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def use_bf16(precision, device):
+    """--precision auto | bf16 | fp32 -> whether to train under bf16 autocast. auto: bf16 on
+    accelerators (the paper's setting), fp32 on CPUs, where bf16 is emulated (slow) but still runs,
+    so forcing it lets a CPU test exercise the accelerators' code path."""
+    return precision == "bf16" or (precision == "auto" and device.type != "cpu")
 
 
 def cosine_lr(step, base_lr, warmup_steps, total_steps, min_lr):
