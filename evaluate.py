@@ -152,8 +152,8 @@ def save_images_npz(path, images, count=None):
         images = np.asarray(images)
         _check_images(images, path)
         count = len(images)
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with training.atomic_write(path) as out, \
+            zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             shape = None
             for n, image in enumerate(images):
@@ -169,7 +169,6 @@ def save_images_npz(path, images, count=None):
                 f.write(np.ascontiguousarray(image).tobytes())
             if shape is None or n + 1 != count:
                 raise ValueError(f"{path}: got {0 if shape is None else n + 1} images, expected {count}")
-    os.replace(tmp, path)
 
 
 def load_images_npz(path):
@@ -184,10 +183,8 @@ def load_images_npz(path):
 
 def save_stats(path, mu, sigma):
     """Write Inception statistics as the ADM reference batches store them (`mu`, `sigma`)."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with training.atomic_write(path) as f:
         np.savez(f, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
 
 
 def load_stats(path):

@@ -127,9 +127,8 @@ def png_path(args, index):
 
 def write_png(path, image):
     """Atomic (temp + rename): a run killed mid-write never leaves a truncated PNG to be 'kept'."""
-    tmp = path + ".tmp.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    with training.atomic_write(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
 
 
 def read_png(path):
@@ -209,7 +208,7 @@ def run(args, rank, world_size, device):
     if rank == 0:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         if not meta_existed:
-            with open(meta_path, "w") as f:
+            with training.atomic_write(meta_path, "w") as f:
                 json.dump(settings, f, indent=1)
     if dist.is_initialized():
         dist.barrier()

@@ -188,10 +188,8 @@ def cache_latents(args, rank, world_size, device):
                     token_dim=cfg.token_dim, image_size=cfg.image_size,
                     latent_mean=mean, latent_std=std, stats_from="tokenizer" if carried else "cache",
                     measured_mean=measured[0], measured_std=measured[1])
-        tmp = os.path.join(args.cache_dir, "meta.json.tmp")
-        with open(tmp, "w") as f:
+        with training.atomic_write(os.path.join(args.cache_dir, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(args.cache_dir, "meta.json"))
         training.print0(f"cached {len(ds)} images x 2 (flip) of {cfg.num_tokens}x{cfg.token_dim} latents "
                         f"in {time.time() - t0:.1f}s -> {args.cache_dir}; latent mean {mean:.6f} std {std:.6f} "
                         f"({'from the tokenizer' if carried else 'measured'}; "

@@ -2,6 +2,7 @@
 
   distributed()                   torchrun-aware process group + device (world size 1 without torchrun)
   print0(...)                     print on rank 0 only
+  atomic_write(path)              `with` a temp file renamed over path on success (no truncated files)
   save_checkpoint / load_checkpoint   atomic write (temp file + os.replace); torch.load(weights_only=True)
   rng_state() / set_rng_state()   python, numpy, torch CPU and accelerator RNG states, as tensors
   check_config(saved, now, what)  refuse a checkpoint of another configuration, naming the fields
@@ -73,20 +74,30 @@ def print0(*args, **kwargs):
 
 # ---- checkpoints ----
 
-def save_checkpoint(path, state):
-    """Write `state` atomically: to a temp file in the same folder, flushed to disk, then renamed
-    over `path`. A run killed while saving leaves the previous checkpoint intact."""
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", fsync=False):
+    """`with atomic_write(path) as f:` writes to a temp file in the same folder and renames it over
+    `path` when the block succeeds, so a run killed mid-write leaves the old file (or none), never
+    a truncated one. fsync=True also forces the data to disk before the rename (checkpoints)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, mode) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):          # only if writing failed: never leave a half file behind
             os.remove(tmp)
+
+
+def save_checkpoint(path, state):
+    """Write `state` atomically and durably (atomic_write with fsync): a run killed while saving
+    leaves the previous checkpoint intact."""
+    with atomic_write(path, fsync=True) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path):
