@@ -131,11 +131,6 @@ def weight_file(filename, given=None, flag=None, url=None):
 # ---------------------------------------------------------------------------------------------
 # Image sets: PNG folders and ADM-style .npz batches
 # ---------------------------------------------------------------------------------------------
-def to_uint8(x):
-    """Images in [-1, 1], (B, 3, H, W) float -> uint8 in [0, 255], rounded (as PNGs store them)."""
-    return ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-
-
 def _check_images(images, name):
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{name}: expected uint8 images of shape (N, H, W, 3), "
@@ -668,7 +663,7 @@ def reconstruction_metrics(model, loader, device, inception=None, lpips_model=No
             batch_hits = codebook_hits(model.quantize, captured.pop())
             if batch_hits is not None:
                 hits = batch_hits if hits is None else hits | batch_hits
-            real8, rec8 = to_uint8(x), to_uint8(rec)
+            real8, rec8 = training.to_uint8(x), training.to_uint8(rec)
             sums[0] += len(x)
             sums[1] += psnr(real8, rec8).sum().item()
             sums[2] += ssim(real8, rec8).sum().item()

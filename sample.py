@@ -137,7 +137,7 @@ def read_png(path):
 
 def to_hwc_uint8(x):
     """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3), as a PNG stores them."""
-    return evaluate.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+    return training.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -248,7 +248,7 @@ def run(args, rank, world_size, device):
                              count=args.num_images)
     grid = torch.from_numpy(np.stack([read_png(png_path(args, i))
                                       for i in range(min(GRID_IMAGES, args.num_images))]))
-    training.save_image_grid(grid.permute(0, 3, 1, 2).float() / 127.5 - 1, os.path.join(args.out, "grid.png"))
+    training.save_image_grid(grid.permute(0, 3, 1, 2), os.path.join(args.out, "grid.png"))
     summary = dict(num_images=args.num_images, seconds=elapsed,
                    images_per_second=bar.n * world_size / elapsed if bar.n else None)
     print(f"wrote {args.num_images} images -> {npz}, {args.out}/grid.png "

@@ -8,7 +8,8 @@
   check_config(saved, now, what)  refuse a checkpoint of another configuration, naming the fields
   EMA                             exponential moving average of a model's trainable weights (+ buffers)
   NanGuard                        skip steps with non-finite loss/gradients, stop after many in a row
-  save_image_grid(x, path)        PNG grid of images in [-1, 1] (PIL)
+  to_uint8(x)                     images in [-1, 1] -> rounded uint8, as PNGs store them
+  save_image_grid(x, path)        PNG grid of images in [-1, 1] or uint8 (PIL)
   use_bf16(precision, device)     --precision auto | bf16 | fp32 -> bf16 autocast or not
   cosine_lr(step, ...)            linear warm-up then cosine decay to a minimum
   load_tokenizer(path, ema=True)  rebuild a SoftVQ-VAE from a train_tok.py checkpoint
@@ -220,9 +221,15 @@ class NanGuard:
 
 # ---- images, schedules ----
 
+def to_uint8(x):
+    """Images in [-1, 1], (B, 3, H, W) float -> uint8 in [0, 255], rounded (as PNGs store them)."""
+    return ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
 def save_image_grid(images, path, nrow=8, padding=2):
-    """Save images (B, 3, H, W) in [-1, 1] as one PNG grid, `nrow` images per row, white padding."""
-    images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """Save images (B, 3, H, W), in [-1, 1] or already uint8, as one PNG grid, `nrow` images per
+    row, white padding."""
+    images = (images if images.dtype == torch.uint8 else to_uint8(images)).cpu()
     b, _, h, w = images.shape
     ncol = min(nrow, b)
     nrows = math.ceil(b / ncol)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import evaluate as E
+import training
 
 
 # ---- FID ----
@@ -116,7 +117,7 @@ def test_psnr_ssim_against_hand_computed_values():
         E.ssim(a[..., :8, :8], a[..., :8, :8])
     # to_uint8 rounds [-1, 1] to the nearest grey level
     x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 3.0]).view(1, 1, 1, -1)
-    assert E.to_uint8(x).flatten().tolist() == [0, 0, 128, 191, 255, 255]
+    assert training.to_uint8(x).flatten().tolist() == [0, 0, 128, 191, 255, 255]
 
 
 # ---- image sets ----
@@ -279,7 +280,6 @@ def tiny_ckpt(tmp_path_factory):
     """A train_tok.py-style checkpoint of the tiny SoftVQ tokenizer (random weights)."""
     import dataclasses
     import tokenizer
-    import training
     torch.manual_seed(0)
     model = tokenizer.make_tokenizer("tiny", tokens=16, token_dim=8)
     path = str(tmp_path_factory.mktemp("tok") / "tok.pt")
@@ -347,7 +347,6 @@ def test_sit_features_are_block_outputs_of_the_forward():
 def test_linear_probe_of_sit_features(tiny_ckpt, tmp_path):
     import dataclasses
     import generators
-    import training
     sit = generators.make_generator("SiT-tiny", 16, 8, num_classes=10)
     path = str(tmp_path / "sit.pt")
     training.save_checkpoint(path, {"config": dataclasses.asdict(sit.config), "model": sit.state_dict(),
