@@ -14,8 +14,7 @@ import torch
 
 import generators as G
 
-OFFICIAL_SHAPES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
-                               "official-state-dict-shapes.json")
+OFFICIAL_SHAPES = os.path.join(os.path.dirname(__file__), "reference", "official-state-dict-shapes.json")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -98,8 +97,6 @@ def test_xl_params_and_gflops_match_paper(preset, tokens, dim):
 
 def test_state_dict_layout_matches_official_release():
     """Our DiT/SiT state dicts have exactly the official names and shapes."""
-    if not os.path.isfile(OFFICIAL_SHAPES):
-        pytest.skip("reference file official-state-dict-shapes.json not present")
     with open(OFFICIAL_SHAPES) as f:
         official = json.load(f)
     for name, preset, tokens, dim in (("sit-xl-64", "SiT-XL", 64, 32), ("dit-xl-32", "DiT-XL", 32, 64)):

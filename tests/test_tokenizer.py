@@ -19,11 +19,10 @@ from tokenizer import (PRESETS, SoftVQVAE, TokenizerConfig, VisionTransformer, l
                        load_dinov2, load_released, load_released_state_dict, make_tokenizer,
                        released_state_dict, unpatchify)
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+# copies of ../shared/reference (official names, shapes and config), so nothing skips in a plain clone
+REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
 OFFICIAL_SHAPES = os.path.join(REFERENCE, "official-state-dict-shapes.json")
 OFFICIAL_CONFIG = os.path.join(REFERENCE, "official-softvq-s-64.config.json")
-needs_reference = pytest.mark.skipif(not os.path.isfile(OFFICIAL_SHAPES),
-                                     reason="../shared/reference is not present")
 
 
 def tiny_images(batch=2, size=32, seed=0):
@@ -134,7 +133,6 @@ def test_tiny_preset_is_about_one_million_parameters():
     assert (cfg.image_size // cfg.patch_size) ** 2 >= 16
 
 
-@needs_reference
 @pytest.mark.parametrize("name,preset,tokens", [("softvq-s-64", "S", 64), ("softvq-s-32", "S", 32),
                                                 ("softvq-b-64", "B", 64), ("softvq-bl-64", "BL", 64),
                                                 ("softvq-l-64", "L", 64)])
@@ -303,7 +301,6 @@ def test_loader_errors_name_the_file_and_the_keys(tmp_path):
 
 
 # ---- released checkpoints ----
-@needs_reference
 def test_released_softvq_s_64_loads_strictly_and_reproduces_outputs(tmp_path):
     from safetensors.torch import save_file
     with torch.device("meta"):                  # random normal weights: faster than the real init
@@ -347,7 +344,6 @@ def test_released_mapping_refuses_unknown_and_missing_keys():
         load_released_state_dict(make_tokenizer("tiny"), wrong)
 
 
-@needs_reference
 def test_released_config_maps_to_our_preset_and_refuses_what_it_cannot_load(tmp_path):
     with open(OFFICIAL_CONFIG) as f:
         fields = json.load(f)
