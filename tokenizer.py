@@ -15,11 +15,15 @@ What is in here:
     `make_tokenizer`, `count_parameters` / `parameter_counts`.
   * Loaders: `load_dinov2` (encoder init, alignment teacher), `load_dino` (frozen discriminator
     backbone), `load_released` (official SoftVQ checkpoints from the model hub).
+  * The other alignment teachers of Table 4: `ClipViT` / `EvaViT` (timm's CLIP-B/16 and
+    EVA-02-CLIP-B/16 image towers) with `load_timm_tower`, and `teacher_checkpoint` /
+    `load_teacher_checkpoint` for a ViT teacher trained by this project.
 
 Run `python tokenizer.py --count` to print the parameter count of every preset (built on the meta
 device, so it is instant). Tests: `python -m pytest -q tests/test_tokenizer.py`.
 
-This file imports only torch and the standard library (safetensors inside `load_released`).
+This file imports only torch and the standard library (safetensors inside `load_released` and
+`load_timm_tower`).
 """
 
 import dataclasses
@@ -116,15 +120,16 @@ class LayerScale(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
 
-    layerscale=False (DINO v1) has no ls1/ls2 parameters at all, so DINO state dicts load strictly.
+    layerscale=False (DINO v1, CLIP) has no ls1/ls2 parameters at all, so their state dicts load
+    strictly; eps is the LayerNorm eps (CLIP: 1e-5).
     """
 
-    def __init__(self, width, heads, layerscale=True):
+    def __init__(self, width, heads, layerscale=True, eps=LN_EPS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
         self.ls1 = LayerScale(width) if layerscale else nn.Identity()
-        self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = Mlp(width)
         self.ls2 = LayerScale(width) if layerscale else nn.Identity()
 
@@ -134,11 +139,12 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> width-dim tokens (a strided conv named `proj` as in timm)."""
+    """Non-overlapping p x p patches -> width-dim tokens (a strided conv named `proj` as in timm;
+    bias=False for CLIP, whose pre-norm makes a bias redundant)."""
 
-    def __init__(self, patch_size, width):
+    def __init__(self, patch_size, width, bias=True):
         super().__init__()
-        self.proj = nn.Conv2d(IN_CHANNELS, width, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(IN_CHANNELS, width, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, width, h, w) -> (B, h*w, width)
@@ -169,21 +175,23 @@ class VisionTransformer(nn.Module):
     img_size / patch_size fix the stored position grid; any other image size divisible by the patch
     size works (the grid is resized on the fly). layerscale=False gives DINO v1 blocks.
     patch_embed=False drops the patch embedding (the tokenizer's decoder feeds mask tokens).
+    eps (LayerNorm eps) and patch_bias serve the CLIP tower (ClipViT).
 
     Parameter names: cls_token, pos_embed, patch_embed.proj.*, blocks.{i}.{norm1, attn.qkv,
     attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm.* (= DINOv2/DINO .pth keys).
     """
 
-    def __init__(self, img_size, patch_size, width, depth, heads, layerscale=True, patch_embed=True):
+    def __init__(self, img_size, patch_size, width, depth, heads, layerscale=True, patch_embed=True,
+                 eps=LN_EPS, patch_bias=True):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
         self.patch_size, self.width, self.grid = patch_size, width, img_size // patch_size
-        self.patch_embed = PatchEmbed(patch_size, width) if patch_embed else None
+        self.patch_embed = PatchEmbed(patch_size, width, patch_bias) if patch_embed else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, width))
-        self.blocks = nn.ModuleList(Block(width, heads, layerscale) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=LN_EPS)
+        self.blocks = nn.ModuleList(Block(width, heads, layerscale, eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=eps)
         self.apply(init_weights)
         nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
@@ -247,7 +255,8 @@ def init_weights(module):
     """Random init: truncated normal (std 0.02) for linear/conv weights, zero biases."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         nn.init.trunc_normal_(module.weight, std=INIT_STD)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:            # CLIP's patch embedding, EVA's k projection
+            nn.init.zeros_(module.bias)
 
 
 def unpatchify(x, grid, patch_size):
@@ -520,7 +529,8 @@ def _read_pth(path, what, source):
 
 
 def load_vit_weights(vit, state, ignore=()):
-    """Copy a DINO/DINOv2-layout state dict into `vit` (strict), resampling what depends on size.
+    """Copy a state dict in vit's own layout (DINO / DINOv2, timm's CLIP / EVA-02 towers) into `vit`
+    (strict), resampling what depends on size.
 
     The patch kernel is resized to vit's patch size (resample_patch_kernel, e.g. 14 -> 16) and the
     position grid to vit's grid (resize_pos_embed, e.g. 37x37 -> 16x16; cls position kept).
@@ -580,6 +590,227 @@ def load_dino(path, model_or_size="s", img_size=224):
     vit = model_or_size if isinstance(model_or_size, VisionTransformer) else \
         VisionTransformer(img_size, DINO_PATCH_SIZE, *VIT_SIZES[model_or_size], layerscale=False)
     return load_vit_weights(vit, state)
+
+# =============================================================================================
+# Other alignment teachers (Table 4): CLIP and EVA-02-CLIP image towers in timm's layout, and
+# ViTs saved by this project. Same rule as DINOv2: built at the tokenizer's resolution with the
+# teacher's patch size, so the patch tokens lie on the tokenizer's token grid (kernel resampled
+# by the FlexiViT pseudo-inverse, position grid bicubically, as timm does when the official code
+# calls create_model(name, pretrained=True, img_size=..., patch_size=16)).
+# =============================================================================================
+CLIP_LN_EPS = 1e-5          # timm: norm_layer=partial(LayerNorm, eps=1e-5) for every *_clip_* ViT
+EVA_MLP_RATIO = 4 * 2 / 3   # timm eva02_*: SwiGLU hidden width int(width * 4 * 2 / 3) (2048 at B)
+EVA_ROPE_REF_GRID = 16      # timm eva02_base_patch16_clip_224: ref_feat_shape=(16, 16)
+EVA_ROPE_THETA = 10000.0    # timm RotaryEmbeddingCat temperature
+# the 512-d contrastive projection of both towers: unused (the teacher takes the patch tokens)
+TIMM_HEAD_KEYS = ("head.weight", "head.bias")
+
+
+class ClipViT(VisionTransformer):
+    """The CLIP ViT image tower exactly as timm builds `vit_base_patch16_clip_224` (the official
+    code's `vit_base_patch16_clip_224.openai` teacher): the DINO-style ViT without LayerScale, with
+    a bias-free patch embedding, a LayerNorm `norm_pre` after the position embedding (timm
+    pre_norm=True), LayerNorm eps 1e-5, and exact GELU. (OpenAI's own CLIP uses QuickGELU, which
+    timm builds only for the `*_clip_quickgelu_*` names; the official code, and so we, use timm's
+    GELU model with OpenAI's weights.) Keys: cls_token, pos_embed, patch_embed.proj.weight,
+    norm_pre.*, blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm.*."""
+
+    def __init__(self, img_size, patch_size, width, depth, heads):
+        super().__init__(img_size, patch_size, width, depth, heads, layerscale=False, eps=CLIP_LN_EPS,
+                         patch_bias=False)
+        self.norm_pre = nn.LayerNorm(width, eps=CLIP_LN_EPS)
+
+    def embed(self, x):
+        return self.norm_pre(super().embed(x))
+
+
+def eva_rope(grid, head_dim):
+    """(sin, cos), each (h*w, head_dim): EVA-02's 2-D rotary embedding as timm builds it
+    (RotaryEmbeddingCat, in_pixels=False, grid indexing 'ij', interleaved pairs). head_dim/4
+    frequencies 1 / 10000^(i / (head_dim/4)) act on the row coordinate (first half of the channels)
+    and on the column coordinate (second half); coordinates are index / side * 16, so any grid spans
+    the 16x16 reference grid of pre-training. Computed in float32 on the CPU, as timm does."""
+    n = head_dim // 4
+    bands = 1.0 / EVA_ROPE_THETA ** (torch.arange(n, dtype=torch.float32) / n)
+    rows, cols = (torch.arange(s, dtype=torch.float32) / s * EVA_ROPE_REF_GRID for s in grid)
+    coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)       # (h, w, 2)
+    angles = (coords.unsqueeze(-1) * bands).reshape(grid[0] * grid[1], 2 * n)      # rows, then cols
+    angles = angles.repeat_interleave(2, dim=-1)      # one angle per (even, odd) channel pair
+    return angles.sin(), angles.cos()
+
+
+def apply_rope(x, rope):
+    """Rotate each (even, odd) channel pair of x (..., N, head_dim) by its angle: timm's
+    apply_rot_embed, x * cos + rot(x) * sin with rot(x) = (-x1, x0, -x3, x2, ...)."""
+    sin, cos = rope
+    rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).reshape(x.shape)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class EvaAttention(nn.Module):
+    """EVA-02 attention (timm EvaAttention, qkv_fused=False, scale_attn_inner=True): separate q / k /
+    v projections, k without bias; RoPE on q and k of the patch tokens (the cls token is not rotated);
+    a LayerNorm on the heads' output before `proj`."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by the number of heads {heads}")
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=LN_EPS)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, rope):
+        B, S, C = x.shape
+        q, k, v = (p(x).reshape(B, S, self.heads, C // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = torch.cat([q[:, :, :1], apply_rope(q[:, :, 1:], rope)], dim=2)
+        k = torch.cat([k[:, :, :1], apply_rope(k[:, :, 1:], rope)], dim=2)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(self.norm(x.transpose(1, 2).reshape(B, S, C)))
+
+
+class SwiGLU(nn.Module):
+    """EVA-02 MLP (timm SwiGLU with scale_mlp=True): fc2(norm(silu(fc1_g(x)) * fc1_x(x)))."""
+
+    def __init__(self, width):
+        super().__init__()
+        hidden = int(width * EVA_MLP_RATIO)
+        self.fc1_g = nn.Linear(width, hidden)
+        self.fc1_x = nn.Linear(width, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=LN_EPS)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(self.norm(F.silu(self.fc1_g(x)) * self.fc1_x(x)))
+
+
+class EvaBlock(nn.Module):
+    """Pre-norm EVA-02 block without LayerScale: x + attn(norm1(x), rope), then x + mlp(norm2(x))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
+        self.attn = EvaAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
+        self.mlp = SwiGLU(width)
+
+    def forward(self, x, rope):
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class EvaViT(VisionTransformer):
+    """The EVA-02-CLIP image tower exactly as timm builds `eva02_base_patch16_clip_224` (the
+    official code's `eva02_base_patch16_clip_224.merged2b` teacher, not the MIM-only EVA-02):
+    patch embedding with bias, cls token, absolute positions (cls included) and, in every block,
+    2-D RoPE (eva_rope), separate q/k/v, a LayerNorm inside attention and a SwiGLU MLP with its own
+    LayerNorm; final LayerNorm `norm` (LayerNorm eps 1e-6 throughout). Keys: cls_token, pos_embed,
+    patch_embed.proj.*, blocks.{i}.{norm1, attn.q_proj, attn.k_proj.weight, attn.v_proj, attn.norm,
+    attn.proj, norm2, mlp.fc1_g, mlp.fc1_x, mlp.norm, mlp.fc2}, norm.*."""
+
+    def __init__(self, img_size, patch_size, width, depth, heads):
+        super().__init__(img_size, patch_size, width, 0, heads)    # embeddings and the final norm
+        self.head_dim = width // heads
+        self.blocks = nn.ModuleList(EvaBlock(width, heads) for _ in range(depth))
+        self.blocks.apply(init_weights)
+
+    def forward(self, tokens, grid):
+        """Blocks then the final LayerNorm over [cls, h*w patches] (B, 1 + h*w, C)."""
+        sin, cos = eva_rope(grid, self.head_dim)
+        rope = (sin.to(tokens.device), cos.to(tokens.device))
+        for block in self.blocks:
+            tokens = block(tokens, rope)
+        return self.norm(tokens)
+
+    def forward_features(self, x):
+        """Final-LayerNorm tokens (B, 1 + N, C) of images x (B, 3, H, W), cls first (timm's
+        forward_features; what the alignment teacher takes, as [:, 1:])."""
+        return self(self.embed(x), self.grid_size(x.shape[2], x.shape[3]))
+
+
+# timm model-hub name -> (tower, (width, depth, heads)); files: huggingface.co/timm/<name>
+TIMM_TOWERS = {"vit_base_patch16_clip_224.openai": (ClipViT, (768, 12, 12)),
+               "eva02_base_patch16_clip_224.merged2b": (EvaViT, (768, 12, 12))}
+
+
+def load_timm_tower(path, tower, img_size=224, patch_size=16):
+    """Load the model.safetensors of the timm model-hub repository `timm/<name>` (timm's state-dict
+    layout, loaded strictly; the unused contrastive head `head.*` is dropped).
+
+    tower: a ClipViT / EvaViT to fill, or a TIMM_TOWERS name to build one at img_size / patch_size
+    (the alignment teacher: the tokenizer's resolution and patch 16). The 16x16 kernel is resampled
+    when patch_size differs and the 14x14 position grid is resized to the new grid (load_vit_weights).
+    Missing / unexpected keys or wrong shapes -> ValueError naming them. Returns the tower; freezing
+    is the caller's choice.
+    """
+    names = {cls: name for name, (cls, _) in TIMM_TOWERS.items()}
+    if isinstance(tower, VisionTransformer) and type(tower) in names:
+        name = names[type(tower)]
+    elif tower in TIMM_TOWERS:
+        name = tower
+    else:
+        raise ValueError(f"tower must be a ClipViT / EvaViT or one of {list(TIMM_TOWERS)}, got {tower!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} weights not found: {path}; get model.safetensors from the "
+                                f"model hub (huggingface.co/timm/{name})")
+    from safetensors.torch import load_file
+    state = {k: v.float() for k, v in load_file(path).items()}      # the hub may hold fp16 tensors
+    if not isinstance(tower, VisionTransformer):
+        cls, dims = TIMM_TOWERS[name]
+        tower = cls(img_size, patch_size, *dims)
+    return load_vit_weights(tower, state, ignore=TIMM_HEAD_KEYS)
+
+
+# A ViT teacher trained by this project (--teacher vit-file): one torch.save'd dict
+#   {"format": TEACHER_FORMAT, "arch": {"img_size", "patch_size", "width", "depth", "heads",
+#    "layerscale"}, "mean": [r, g, b], "std": [r, g, b], "state_dict": VisionTransformer state dict}
+# mean / std: the input normalisation it was trained with, on pixels in [0, 1].
+TEACHER_FORMAT = "softvq-vit-teacher-1"
+TEACHER_ARCH = ("img_size", "patch_size", "width", "depth", "heads", "layerscale")
+
+
+def teacher_checkpoint(vit, mean, std):
+    """The dict to save (torch.save / training.save_checkpoint) for a DINO-style VisionTransformer
+    `vit` trained as a teacher on inputs ((x + 1) / 2 - mean) / std; --teacher vit-file loads it."""
+    if type(vit) is not VisionTransformer or vit.patch_embed is None or not len(vit.blocks):
+        raise ValueError("a teacher file holds a VisionTransformer with a patch embedding and blocks")
+    arch = {"img_size": vit.grid * vit.patch_size, "patch_size": vit.patch_size, "width": vit.width,
+            "depth": len(vit.blocks), "heads": vit.blocks[0].attn.heads,
+            "layerscale": isinstance(vit.blocks[0].ls1, LayerScale)}
+    return {"format": TEACHER_FORMAT, "arch": arch, "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+            "state_dict": {k: v.detach().cpu() for k, v in vit.state_dict().items()}}
+
+
+def load_teacher_checkpoint(path, img_size, patch_size):
+    """Load a teacher_checkpoint file into a VisionTransformer at img_size / patch_size (kernel and
+    position grid resampled as for DINOv2). Returns (vit, mean, std). A file that is not in this
+    format, or whose state dict does not match its own `arch`, is a ValueError naming what differs."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher file not found: {path} (a dict written from "
+                                f"tokenizer.teacher_checkpoint by this project)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != TEACHER_FORMAT:
+        raise ValueError(f"{path} is not a teacher file of format {TEACHER_FORMAT!r} "
+                         f"(tokenizer.teacher_checkpoint)")
+    arch = ckpt["arch"]
+    if sorted(arch) != sorted(TEACHER_ARCH):
+        raise ValueError(f"{path}: arch must have the fields {list(TEACHER_ARCH)}, has {sorted(arch)}")
+    with torch.device("meta"):
+        expected = VisionTransformer(**arch).state_dict()
+    state = ckpt["state_dict"]
+    wrong = sorted(k for k in set(expected) | set(state)
+                   if k not in state or k not in expected or state[k].shape != expected[k].shape)
+    if wrong:
+        raise ValueError(f"{path}: state_dict does not match its arch {arch}; keys missing, "
+                         f"unexpected or of another shape: {wrong}")
+    vit = VisionTransformer(img_size, patch_size, arch["width"], arch["depth"], arch["heads"],
+                            arch["layerscale"])
+    return load_vit_weights(vit, state), tuple(ckpt["mean"]), tuple(ckpt["std"])
 
 
 # =============================================================================================

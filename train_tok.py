@@ -8,7 +8,9 @@
     patch embedding and blocks 2, 5, 8, 11; DiffAugment, consistency regularisation (4.0) and LeCAM
     (0.001) for the discriminator; it starts at step 20K (App. C.1, as VAR [99]); no adaptive weight.
   * L_align (Sec. 3.3, Eq. 5-6): each latent token, repeated N/L times, is mapped by an MLP
-    projector onto the patch tokens of a frozen DINOv2 teacher; loss = -cosine similarity.
+    projector onto the patch tokens of a frozen teacher (DINOv2 ViT-L by default; --teacher picks
+    DINOv2-S/B, CLIP-B/16, EVA-02-CLIP-B/16 as in Table 4, or a ViT saved by this project);
+    loss = -cosine similarity.
   * L_kl: the quantizer's entropy term (quantizers.py), already weighted by l4.
   AdamW (0.9, 0.95), wd 1e-4, lr 1e-4 x global_batch / 256 with 5K warm-up steps and cosine decay
   to 1e-5, grad clip 1.0, global batch 256, 250K iterations, bf16 autocast, EMA 0.9999.
@@ -20,7 +22,9 @@ Run:
   ... --resume                                       # continue runs/<name>/ckpt.pt exactly
 
 Pretrained files are never downloaded. By default they are read from $TORCH_HOME/hub/checkpoints/
-(vgg16-397923af.pth, dino_deitsmall16_pretrain.pth, dinov2_vit{s,b,l}14_pretrain.pth) or from the
+(vgg16-397923af.pth, dino_deitsmall16_pretrain.pth, dinov2_vit{s,b,l}14_pretrain.pth, and for
+--teacher clip-b16 / eva02-clip-b16 the timm model-hub model.safetensors saved as
+vit_base_patch16_clip_224.openai.safetensors / eva02_base_patch16_clip_224.merged2b.safetensors) or from the
 --vgg-path / --dino-path / --teacher-path / --encoder-init flags. A missing file stops a full run at
 start (naming each file); the tiny preset turns that term off and says so. --fake-pretrained uses
 randomly initialised stand-ins of the same networks (tiny ones under --preset tiny) so that every
@@ -70,9 +74,27 @@ DINO_FILE = "dino_deitsmall16_pretrain.pth"
 SOURCES = {VGG_FILE: "torchvision's VGG16 ImageNet weights (download.pytorch.org/models/vgg16-397923af.pth)",
            DINO_FILE: "the DINO release (github.com/facebookresearch/dino)",
            "dinov2": "the DINOv2 release (github.com/facebookresearch/dinov2)"}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP input normalisation (timm's
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)    # OPENAI_CLIP_MEAN / _STD; EVA-02-CLIP uses it too)
+# --teacher (Sec. 3.3, Table 4): default file name in hub checkpoints (None: --teacher-path only),
+# where to get it, input mean / std (vit-file: from the file), architecture ("dinov2", size) /
+# ("timm", tokenizer.TIMM_TOWERS name) / ("file", None), and the (width, depth, heads) of its
+# full-size stand-in under --fake-pretrained.
+TEACHERS = {
+    **{f"dinov2-{s}": dict(file=f"dinov2_vit{s}14_pretrain.pth", source=SOURCES["dinov2"],
+                           mean=IMAGENET_MEAN, std=IMAGENET_STD, arch=("dinov2", s),
+                           dims=tokenizer.VIT_SIZES[s]) for s in ("s", "b", "l")},
+    **{kind: dict(file=f"{name}.safetensors", source=f"model.safetensors of huggingface.co/timm/{name}",
+                  mean=CLIP_MEAN, std=CLIP_STD, arch=("timm", name), dims=tokenizer.TIMM_TOWERS[name][1])
+       for kind, name in (("clip-b16", "vit_base_patch16_clip_224.openai"),
+                          ("eva02-clip-b16", "eva02_base_patch16_clip_224.merged2b"))},
+    "vit-file": dict(file=None, source="a teacher saved by this project with tokenizer.teacher_checkpoint",
+                     mean=None, std=None, arch=("file", None), dims=tokenizer.VIT_SIZES["s"]),
+}
+DEFAULT_TEACHER = "dinov2-l"              # official softvq-l-64.yaml: vit_large_patch14_dinov2
 # stand-in architectures (--fake-pretrained): (width, depth, heads); the real ones, or tiny ones
 FAKE_DINO = {"full": (384, 12, 6), "tiny": (32, 12, 2)}
-FAKE_TEACHER = {"tiny": (32, 2, 2)}       # full-size stand-in = the DINOv2 size of --teacher-size
+FAKE_TEACHER = {"tiny": (32, 2, 2)}       # full-size stand-in: TEACHERS[...]["dims"]
 
 # Defaults that differ between the paper's run and the CPU preset (None on the command line).
 FULL_DEFAULTS = dict(global_batch=256, iters=250_000, lr=1e-4, min_lr=1e-5, warmup=5000,
@@ -238,23 +260,46 @@ class DinoDiscriminator(nn.Module):
         return self.heads_logits(self.features([x]), 1)
 
 
-class DinoV2Teacher(nn.Module):
-    """Alignment target of Sec. 3.3: a frozen DINOv2 ViT run at the training resolution with its
-    patch embedding resampled to `teacher_patch` (official: 16, so N = (H/16)^2 patch tokens) on
-    ImageNet-normalised inputs; returns the final-LayerNorm patch tokens (B, N, C).
-    Pluggable (Table 4 aligns to CLIP / EVA too): any module mapping [-1, 1] images to (B, N, C)
-    features and carrying `.width = C` can replace it."""
+class Teacher(nn.Module):
+    """Alignment target of Sec. 3.3: a frozen ViT (DINOv2, CLIP, EVA-02-CLIP or this project's; Table
+    4) run at the training resolution with its patch embedding resampled to `teacher_patch`
+    (official: 16, so N = (H/16)^2 patch tokens) on inputs normalised with its own mean / std;
+    returns the final-LayerNorm patch tokens (B, N, C); `.width = C`."""
 
-    def __init__(self, vit):
+    def __init__(self, vit, mean, std):
         super().__init__()
         self.vit = vit.eval().requires_grad_(False)
-        self.width = vit.width
+        self.width, self.mean, self.std = vit.width, mean, std
 
     def train(self, mode=True):               # always frozen, always eval
         return super().train(False)
 
     def forward(self, x):
-        return self.vit.forward_features(imagenet_normalize(x))[:, 1:]
+        mean = x.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = x.new_tensor(self.std).view(1, 3, 1, 1)
+        return self.vit.forward_features(((x + 1) / 2 - mean) / std)[:, 1:]
+
+
+def make_teacher(kind, path, image_size, patch_size, stand_in=None):
+    """The frozen teacher `kind` (a TEACHERS key) read from `path`, built at image_size with its
+    patch tokens at patch_size. stand_in=(width, depth, heads): a randomly initialised network of
+    the same architecture instead of the file (--fake-pretrained; vit-file: a DINOv2-style ViT
+    with ImageNet normalisation)."""
+    spec = TEACHERS[kind]
+    family, name = spec["arch"]
+    mean, std = spec["mean"], spec["std"]
+    if family == "dinov2":
+        vit = (tokenizer.VisionTransformer(image_size, patch_size, *stand_in) if stand_in else
+               tokenizer.load_dinov2(path, name, img_size=image_size, patch_size=patch_size))
+    elif family == "timm":
+        vit = (tokenizer.TIMM_TOWERS[name][0](image_size, patch_size, *stand_in) if stand_in else
+               tokenizer.load_timm_tower(path, name, img_size=image_size, patch_size=patch_size))
+    elif stand_in:
+        vit = tokenizer.VisionTransformer(image_size, patch_size, *stand_in)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        vit, mean, std = tokenizer.load_teacher_checkpoint(path, image_size, patch_size)
+    return Teacher(vit, mean, std)
 
 
 def make_projector(token_dim, hidden, out_dim):
@@ -351,6 +396,14 @@ def main(args):
             setattr(args, k, v)
     if args.benchmark:
         args.fake_pretrained = True
+    if args.teacher_size is not None:                  # deprecated alias of --teacher dinov2-<size>
+        alias = f"dinov2-{args.teacher_size}"
+        if args.teacher not in (None, alias):
+            raise ValueError(f"--teacher-size {args.teacher_size} contradicts --teacher {args.teacher}")
+        warnings.warn(f"--teacher-size is deprecated: use --teacher {alias}", FutureWarning)
+        args.teacher = alias
+    del args.teacher_size
+    args.teacher = args.teacher or DEFAULT_TEACHER
 
     # ---- distributed setup ----
     with training.distributed(args.device) as (rank, _, world, device):
@@ -369,14 +422,17 @@ def run(args, rank, world, device):
     scale = "tiny" if args.preset == "tiny" else "full"
 
     # ---- pretrained files: check all of them before building anything big ----
-    teacher_file = f"dinov2_vit{args.teacher_size}14_pretrain.pth"
+    teacher_spec = TEACHERS[args.teacher]
+    if (args.align_weight > 0 and teacher_spec["file"] is None and args.teacher_path is None
+            and not args.fake_pretrained):
+        raise ValueError(f"--teacher {args.teacher} needs --teacher-path FILE ({teacher_spec['source']})")
     wanted = {}                                         # term -> path of its file
     if args.lpips_weight > 0:
         wanted["LPIPS"] = args.vgg_path or hub_file(VGG_FILE)
     if args.disc_weight > 0:
         wanted["adversarial"] = args.dino_path or hub_file(DINO_FILE)
-    if args.align_weight > 0:
-        wanted["alignment"] = args.teacher_path or hub_file(teacher_file)
+    if args.align_weight > 0 and (args.teacher_path or teacher_spec["file"]):   # vit-file: a path
+        wanted["alignment"] = args.teacher_path or hub_file(teacher_spec["file"])
     encoder_init = args.encoder_init
     if encoder_init == "auto":
         size = VIT_SIZE_OF_WIDTH.get(tok_cfg.enc_width)
@@ -389,11 +445,13 @@ def run(args, rank, world, device):
     if encoder_init is not None:
         wanted["encoder init"] = encoder_init
     if args.fake_pretrained:
-        print0("--fake-pretrained: random stand-ins replace VGG, DINO and DINOv2; no encoder init")
+        print0("--fake-pretrained: random stand-ins replace VGG, DINO and the teacher; no encoder init")
         wanted, encoder_init = {}, None
     missing = {term: path for term, path in wanted.items() if not os.path.isfile(path)}
     if missing and scale == "full":
-        lines = [f"  {term}: {path}  (from {SOURCES.get(os.path.basename(path), SOURCES['dinov2'])})"
+        source = {"alignment": teacher_spec["source"]}
+        lines = [f"  {term}: {path}  (from "
+                 f"{source.get(term) or SOURCES.get(os.path.basename(path), SOURCES['dinov2'])})"
                  for term, path in missing.items()]
         raise FileNotFoundError("pretrained files missing (never downloaded: put each file at the path "
                                 "shown, or pass --vgg-path / --dino-path / --teacher-path / --encoder-init, "
@@ -433,13 +491,11 @@ def run(args, rank, world, device):
         disc = DinoDiscriminator(dino)
     teacher = None
     if args.align_weight > 0:
-        if args.fake_pretrained:
-            dims = FAKE_TEACHER.get(scale, tokenizer.VIT_SIZES[args.teacher_size])
-            vit = tokenizer.VisionTransformer(image_size, args.teacher_patch, *dims)
-        else:
-            vit = tokenizer.load_dinov2(wanted["alignment"], args.teacher_size, img_size=image_size,
-                                        patch_size=args.teacher_patch)
-        teacher = DinoV2Teacher(vit)
+        stand_in = FAKE_TEACHER.get(scale, teacher_spec["dims"]) if args.fake_pretrained else None
+        teacher = make_teacher(args.teacher, wanted.get("alignment"), image_size, args.teacher_patch,
+                               stand_in)
+        print0(f"alignment teacher {args.teacher}"
+               + (" (random stand-in)" if stand_in else f" from {wanted['alignment']}"))
     projector = (make_projector(tok_cfg.token_dim, args.proj_dim, teacher.width)
                  if teacher is not None else None)
     gen = Generator(tok, projector).to(device).train()
@@ -762,14 +818,20 @@ if __name__ == "__main__":
     p.add_argument("--lecam-weight", type=float, default=0.001, help="LeCAM regularisation")
     p.add_argument("--align-weight", type=float, default=0.1, help="lambda_3, representation alignment")
     p.add_argument("--proj-dim", type=int, default=None, help="projector hidden width" + both("proj_dim"))
-    p.add_argument("--teacher-size", default="l", choices=["s", "b", "l"], help="DINOv2 teacher size")
+    p.add_argument("--teacher", default=None, choices=list(TEACHERS),
+                   help=f"alignment teacher (Sec. 3.3, Table 4; default {DEFAULT_TEACHER}); vit-file: a ViT "
+                        "saved by this project (tokenizer.teacher_checkpoint) given by --teacher-path")
+    p.add_argument("--teacher-size", default=None, choices=["s", "b", "l"],
+                   help="deprecated: --teacher dinov2-<size>")
     p.add_argument("--teacher-patch", type=int, default=None, help="teacher patch" + both("teacher_patch"))
     # pretrained files (never downloaded)
     p.add_argument("--vgg-path", default=None, help=f"LPIPS trunk (default hub checkpoints/{VGG_FILE})")
     p.add_argument("--dino-path", default=None, help=f"discriminator (default hub checkpoints/{DINO_FILE})")
     p.add_argument("--teacher-path", default=None,
-                   help="DINOv2 teacher (default hub checkpoints/dinov2_vit<size>14_pretrain.pth)")
-    p.add_argument("--fake-pretrained", action="store_true", help="random stand-ins for VGG, DINO, DINOv2")
+                   help="teacher file (default hub checkpoints/dinov2_vit<size>14_pretrain.pth, "
+                        "<timm name>.safetensors for clip-b16 / eva02-clip-b16; vit-file: required)")
+    p.add_argument("--fake-pretrained", action="store_true",
+                   help="random stand-ins for VGG, DINO and the teacher")
     # run
     p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda")
     p.add_argument("--seed", type=int, default=0)
