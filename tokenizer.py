@@ -14,16 +14,19 @@ What is in here:
   * `TokenizerConfig`, `PRESETS` (S, B, BL, L of the paper; `tiny` for CPU), `make_config`,
     `make_tokenizer`, `count_parameters` / `parameter_counts`.
   * Loaders: `load_dinov2` (encoder init, alignment teacher), `load_dino` (frozen discriminator
-    backbone), `load_released` (official SoftVQ checkpoints from the model hub).
+    backbone), `load_released` (official SoftVQ checkpoints from the model hub); `save_released`
+    writes ours in that format.
   * The other alignment teachers of Table 4: `ClipViT` / `EvaViT` (timm's CLIP-B/16 and
     EVA-02-CLIP-B/16 image towers) with `load_timm_tower`, and `teacher_checkpoint` /
     `load_teacher_checkpoint` for a ViT teacher trained by this project.
 
 Run `python tokenizer.py --count` to print the parameter count of every preset (built on the meta
 device, so it is instant). Tests: `python -m pytest -q tests/test_tokenizer.py`.
+`python tokenizer.py --export runs/L-64/ckpt.pt out/softvq-l-64` writes a trained tokenizer (EMA
+weights; `--raw` for the live ones) in the released format (`save_released`).
 
-This file imports only torch and the standard library (safetensors inside `load_released` and
-`load_timm_tower`).
+This file imports only torch and the standard library (safetensors inside `load_released`,
+`save_released` and `load_timm_tower`).
 """
 
 import dataclasses
@@ -834,7 +837,10 @@ RELEASED_REQUIRED_VALUES = {"enc_type": "vit", "dec_type": "vit", "use_rope": Fa
 
 
 def config_from_released(fields):
-    """TokenizerConfig from the fields of an official config.json (raises on what we cannot load)."""
+    """TokenizerConfig from the fields of an official config.json (raises on what we cannot load),
+    or of one of our exports that the official fields cannot describe (config_from_export)."""
+    if EXPORT_CONFIG_KEY in fields:       # defined with save_released, below
+        return config_from_export(fields)
     needed = ("encoder_model", "decoder_model", "image_size", "enc_patch_size", "dec_patch_size",
               "num_latent_tokens", "codebook_embed_dim", "codebook_size", "num_codebooks", "tau")
     absent = [k for k in needed if k not in fields]
@@ -917,7 +923,8 @@ def released_state_dict(model):
 
 def load_released(folder):
     """Load an official released SoftVQ tokenizer from a local folder (config.json +
-    model.safetensors, e.g. a download of the SoftVQVAE/softvq-l-64 model-hub repo).
+    model.safetensors, e.g. a download of the SoftVQVAE/softvq-l-64 model-hub repo), or one that
+    save_released wrote.
 
     Sizes come from config.json (encoder_model / decoder_model, never from the folder name);
     vq_mean / vq_std fill latent_mean / latent_std. Returns the model in eval mode.
@@ -941,14 +948,159 @@ def load_released(folder):
     return model.eval()
 
 
+# =============================================================================================
+# Export in the released format (what we train -> config.json + model.safetensors)
+# =============================================================================================
+# Official ModelArgs fields (the schema of ../shared/reference/official-softvq-s-64.config.json)
+# that do not depend on the model: what our architecture is (RELEASED_REQUIRED_VALUES, the usage
+# buffer) and the training-only or CNN-only settings at the released values. One change from the
+# released files: enc_pretrained is False (they say True), so the official code builds the
+# encoder without first downloading DINOv2 weights that model.safetensors then replaces.
+RELEASED_FIXED_FIELDS = {
+    **RELEASED_REQUIRED_VALUES, "codebook_show_usage": True, "commit_loss_beta": 0.0,
+    "vq_loss_ratio": 0.0, "dropout_p": 0.0, "enc_drop_path_rate": 0.0, "dec_drop_path_rate": 0.0,
+    "enc_token_drop": 0.0, "enc_token_drop_max": 0.6, "enc_tuning_method": "full",
+    "dec_tuning_method": "full", "enc_pretrained": False, "dec_pretrained": False,
+    "encoder_ch_mult": [1, 1, 2, 2, 4], "decoder_ch_mult": [1, 1, 2, 2, 4], "z_channels": 256,
+    "rope_mixed": False, "rope_theta": 10.0, "repa": False, "repa_align": "repeat",
+    "repa_loss_weight": 0.1, "repa_model": "vit_large_patch14_dinov2.lvd142m",
+    "repa_patch_size": 16, "repa_proj_dim": 1024,
+}
+# What the official fields cannot say (the tiny preset, widths without a timm name, the channel
+# split, residual levels, the sqeuclid / euclid posteriors, a learnable tau, GMMVQ, VQ / KL / AE)
+# goes into this extra field: the whole TokenizerConfig, which config_from_released reads back.
+EXPORT_CONFIG_KEY = "softvq_vae_config"
+# encoder_model / decoder_model of such an export: not a timm name, so the official SoftVQModel
+# stops while building ("... not found") instead of loading the weights into another model
+# (its from_pretrained is not strict by default).
+NOT_OFFICIAL_VIT = f"see {EXPORT_CONFIG_KEY}"
+# TokenizerConfig fields that only training losses read: when they alone differ from what the
+# official fields give back, the official code still reproduces the outputs exactly.
+TRAINING_ONLY_FIELDS = ("entropy_temp", "vq_beta")
+
+
+def config_from_export(fields):
+    """TokenizerConfig of an export with the EXPORT_CONFIG_KEY field (all TokenizerConfig fields);
+    the official fields it also holds must agree with it (ValueError naming them)."""
+    saved = fields[EXPORT_CONFIG_KEY]
+    known = {f.name for f in dataclasses.fields(TokenizerConfig)}
+    if not isinstance(saved, dict) or set(saved) != known:
+        got = set(saved) if isinstance(saved, dict) else set()
+        raise ValueError(f"config.json {EXPORT_CONFIG_KEY} must hold exactly the TokenizerConfig "
+                         f"fields: missing {sorted(known - got)}, unknown {sorted(got - known)}")
+    config = TokenizerConfig(**saved)
+    implied = {"image_size": config.image_size, "enc_patch_size": config.patch_size,
+               "dec_patch_size": config.patch_size, "num_latent_tokens": config.num_tokens,
+               "codebook_embed_dim": config.token_dim, "codebook_size": config.codebook_size,
+               "num_codebooks": config.num_codebooks}
+    wrong = {k: f"{fields[k]} vs {v}" for k, v in implied.items() if k in fields and fields[k] != v}
+    if wrong:
+        raise ValueError(f"config.json fields disagree with its {EXPORT_CONFIG_KEY} "
+                         f"(field vs {EXPORT_CONFIG_KEY}): {wrong}")
+    return config
+
+
+def _official_vit_name(config, prefix):
+    dims = tuple(getattr(config, f"{prefix}_{k}") for k in ("width", "depth", "heads"))
+    return next((name for name, size in RELEASED_VITS.items() if VIT_SIZES[size] == dims),
+                NOT_OFFICIAL_VIT)
+
+
+def released_config(model, latent_mean=None, latent_std=None):
+    """The config.json fields of `model` in the official schema (see RELEASED_FIXED_FIELDS).
+
+    vq_mean / vq_std: latent_mean / latent_std when given (e.g. the statistics a generator was
+    trained with), else the model's own buffers. When the official fields cannot describe the
+    model exactly, EXPORT_CONFIG_KEY holds the whole TokenizerConfig; when the difference changes
+    the outputs, encoder_model / decoder_model are NOT_OFFICIAL_VIT (see official_loadable)."""
+    cfg = model.config
+    fields = dict(
+        RELEASED_FIXED_FIELDS, image_size=cfg.image_size, base_image_size=cfg.image_size,
+        enc_patch_size=cfg.patch_size, dec_patch_size=cfg.patch_size,
+        encoder_model=_official_vit_name(cfg, "enc"), decoder_model=_official_vit_name(cfg, "dec"),
+        num_latent_tokens=cfg.num_tokens, codebook_embed_dim=cfg.token_dim,
+        codebook_size=cfg.codebook_size, num_codebooks=cfg.num_codebooks,
+        tau=TokenizerConfig.tau if cfg.tau == "learnable" else cfg.tau,  # learned: in the weights
+        entropy_loss_ratio=cfg.entropy_weight, kl_loss_weight=cfg.kl_weight,
+        vq_mean=float(model.latent_mean if latent_mean is None else latent_mean),
+        vq_std=float(model.latent_std if latent_std is None else latent_std))
+    try:
+        official = config_from_released(fields)           # what the official fields say
+    except ValueError:                                    # e.g. no timm ViT of these sizes
+        official = None
+    differ = [f.name for f in dataclasses.fields(cfg)
+              if official is None or getattr(official, f.name) != getattr(cfg, f.name)]
+    if differ:
+        fields[EXPORT_CONFIG_KEY] = dataclasses.asdict(cfg)
+    if set(differ) - set(TRAINING_ONLY_FIELDS):
+        fields["encoder_model"] = fields["decoder_model"] = NOT_OFFICIAL_VIT
+    return fields
+
+
+def official_loadable(fields):
+    """Whether the official SoftVQModel builds from these config.json fields and, given the
+    exported weights, computes what our model computes."""
+    return fields["encoder_model"] in RELEASED_VITS and fields["decoder_model"] in RELEASED_VITS
+
+
+def save_released(model, folder, latent_mean=None, latent_std=None):
+    """Write `model` as a released tokenizer: folder/config.json (released_config) and
+    folder/model.safetensors under the official key names (released_state_dict: the inverse of
+    load_released's mapping, with the official usage buffer and unused decoder patch embedding,
+    zero-filled). tokenizer.load_released(folder) gives back a model with bit-identical outputs.
+    Non-finite weights are refused, naming them. Returns the config.json fields."""
+    from safetensors.torch import save_file
+    fields = released_config(model, latent_mean, latent_std)
+    state = {k: v.detach().cpu().contiguous() for k, v in released_state_dict(model).items()}
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all())
+    if bad:
+        raise ValueError(f"cannot export non-finite weights: {bad}")
+    os.makedirs(folder, exist_ok=True)
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(fields, f, indent=2, sort_keys=True)  # as huggingface_hub's save_pretrained
+    return fields
+
+
+def export_checkpoint(ckpt, folder, ema=True, latent_mean=None, latent_std=None):
+    """Export a train_tok.py checkpoint (its EMA weights, or the live ones with ema=False) or a
+    released folder with save_released; returns the config.json fields."""
+    import training            # deferred: this model file imports only torch at import time
+    if os.path.isdir(ckpt):
+        model = load_released(ckpt)
+    else:
+        model = training.load_tokenizer(ckpt, ema=ema)
+    return save_released(model, folder, latent_mean, latent_std)
+
+
+def describe_export(fields, folder):
+    """One line for the command line: what was written and who can load it."""
+    if official_loadable(fields):
+        who = "the official SoftVQModel.from_pretrained and tokenizer.load_released load it"
+    else:
+        who = (f"only tokenizer.load_released loads it (its {EXPORT_CONFIG_KEY} field holds what "
+               "the official config cannot express; the official code refuses it)")
+    return (f"wrote {os.path.join(folder, 'config.json')} and model.safetensors "
+            f"(vq_mean {fields['vq_mean']:.6g}, vq_std {fields['vq_std']:.6g}): {who}")
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", action="store_true",
                         help="print the parameter count of every preset at 32 and 64 tokens")
+    parser.add_argument("--export", nargs=2, metavar=("CKPT", "OUTDIR"),
+                        help="write a train_tok.py checkpoint (or a released folder) to OUTDIR in "
+                             "the released format: config.json + model.safetensors")
+    parser.add_argument("--raw", action="store_true",
+                        help="with --export: the live weights instead of the EMA weights")
     args = parser.parse_args()
+    if args.raw and not args.export:
+        parser.error("--raw only applies to --export")
     if args.count:
         print_parameter_counts()
+    elif args.export:
+        print(describe_export(export_checkpoint(*args.export, ema=not args.raw), args.export[1]))
     else:
         parser.print_help()

@@ -137,13 +137,21 @@ def test_tiny_preset_is_about_one_million_parameters():
                                                 ("softvq-b-64", "B", 64), ("softvq-bl-64", "BL", 64),
                                                 ("softvq-l-64", "L", 64)])
 def test_released_layout_equals_the_official_state_dict(name, preset, tokens):
-    """Inverse mapping of our model == the official key names and shapes, tensor for tensor."""
+    """Inverse mapping of our model == the official key names and shapes, tensor for tensor;
+    the exported config.json (save_released writes both) names the official timm ViTs."""
     with open(OFFICIAL_SHAPES) as f:
         official = json.load(f)[name]
     with torch.device("meta"):
         model = make_tokenizer(preset, tokens=tokens)
     ours = {k: list(v.shape) for k, v in released_state_dict(model).items()}
     assert ours == official
+    fields = tokenizer.released_config(model, 0.0, 1.0)
+    assert tokenizer.official_loadable(fields) and tokenizer.EXPORT_CONFIG_KEY not in fields
+    vit = {"s": "vit_small_patch14_dinov2.lvd142m", "b": "vit_base_patch14_dinov2.lvd142m",
+           "l": "vit_large_patch14_dinov2.lvd142m"}
+    assert (fields["encoder_model"], fields["decoder_model"]) == (
+        vit[preset[0].lower()], vit[preset[-1].lower()])
+    assert tokenizer.config_from_released(fields) == model.config
 
 
 # ---- the official forward order, restated independently on raw tensors ----
@@ -363,3 +371,131 @@ def test_released_config_maps_to_our_preset_and_refuses_what_it_cannot_load(tmp_
     (tmp_path / "config.json").write_text(json.dumps(fields))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_released(tmp_path)
+
+
+# ---- export in the released format (save_released -> load_released) ----
+def random_model(preset, tokens, seed=0, **overrides):
+    """A model with every tensor random (built on the meta device: faster than the real init)."""
+    with torch.device("meta"):
+        model = make_tokenizer(preset, tokens=tokens, **overrides)
+    model = model.to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05, generator=g)
+        model.latent_mean.fill_(0.0123)
+        model.latent_std.fill_(0.456)
+    return model
+
+
+def assert_same_model(loaded, model, size):
+    assert not loaded.training and loaded.config == model.config
+    assert (loaded.latent_mean.item(), loaded.latent_std.item()) == (model.latent_mean.item(),
+                                                                     model.latent_std.item())
+    x = tiny_images(2, size)
+    with torch.no_grad():
+        x_rec, z_q, _, _ = model(x)
+        assert torch.equal(loaded.encode(x), z_q)
+        assert torch.equal(loaded(x)[0], x_rec)
+        assert x_rec.abs().max() > 0.01                              # not trivially zero
+
+
+@pytest.mark.parametrize("preset,tokens", [("tiny", 64), ("tiny", 32), ("S", 64), ("S", 32)])
+def test_save_released_round_trip_is_bit_identical(tmp_path, preset, tokens):
+    from safetensors.torch import load_file
+    model = random_model(preset, tokens)
+    fields = tokenizer.save_released(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == fields
+    assert fields["vq_mean"] == pytest.approx(0.0123) and fields["vq_std"] == pytest.approx(0.456)
+    names = {k: list(v.shape) for k, v in load_file(str(tmp_path / "model.safetensors")).items()}
+    assert names == {k: list(v.shape) for k, v in released_state_dict(model).items()}
+    assert_same_model(load_released(tmp_path), model, 32)
+    with open(OFFICIAL_CONFIG) as f:
+        reference = json.load(f)
+    if preset == "S":                       # the official layout says everything: no extra field
+        assert tokenizer.official_loadable(fields)
+        assert set(fields) == set(reference)
+        differ = {k for k in reference if fields[k] != reference[k]}
+        expected = {"enc_pretrained", "vq_mean", "vq_std"} | (
+            {"num_latent_tokens", "codebook_embed_dim"} if tokens == 32 else set())
+        assert differ == expected
+        if tokens == 64:
+            with open(OFFICIAL_SHAPES) as f:
+                assert names == json.load(f)["softvq-s-64"]
+    else:                                   # 96 wide, 4 deep: no timm ViT of that size
+        assert not tokenizer.official_loadable(fields)
+        assert set(fields) == set(reference) | {tokenizer.EXPORT_CONFIG_KEY}
+        assert fields["encoder_model"] == tokenizer.NOT_OFFICIAL_VIT
+
+
+@pytest.mark.parametrize("overrides,official", [
+    (dict(codebook_split="channels"), False), (dict(residual_depth=2), False),
+    (dict(posterior="sqeuclid"), False), (dict(posterior="euclid"), False),
+    (dict(tau="learnable"), False), (dict(quantizer="gmmvq"), False), (dict(quantizer="vq"), False),
+    (dict(quantizer="kl"), False), (dict(quantizer="ae"), False), (dict(tau=0.1), True),
+    (dict(entropy_temp=0.05), True),                      # training-only: the official code agrees
+])
+def test_export_of_what_the_official_layout_cannot_say(tmp_path, overrides, official):
+    """S-sized ViTs with another quantizer setting: the extra field carries it, our loader reads
+    it back exactly, and only settings that keep the official outputs stay official-loadable."""
+    cfg = dataclasses.replace(PRESETS["tiny"], **_vit_dims_of("s"), **overrides)
+    with torch.device("meta"):
+        meta_model = SoftVQVAE(cfg)
+    fields = tokenizer.released_config(meta_model, 0.0, 1.0)
+    assert tokenizer.official_loadable(fields) == official
+    assert (tokenizer.EXPORT_CONFIG_KEY in fields) == (overrides != dict(tau=0.1))
+    assert tokenizer.config_from_released(fields) == cfg
+    # the same settings at tiny size, through the files
+    torch.manual_seed(0)
+    model = make_tokenizer("tiny", **overrides).eval()
+    randomize_layerscale(model)
+    if overrides.get("tau") == "learnable":
+        with torch.no_grad():
+            model.quantize.log_tau.fill_(-3.0)
+    tokenizer.save_released(model, tmp_path)
+    assert_same_model(load_released(tmp_path), model, 32)
+
+
+def _vit_dims_of(size):
+    width, depth, heads = tokenizer.VIT_SIZES[size]
+    return dict(enc_width=width, enc_depth=depth, enc_heads=heads, dec_width=width,
+                dec_depth=depth, dec_heads=heads, patch_size=16, image_size=64)
+
+
+def test_export_config_that_disagrees_or_is_incomplete_is_refused(tmp_path):
+    model = make_tokenizer("tiny").eval()
+    fields = tokenizer.save_released(model, tmp_path)
+    edited = dict(fields, num_latent_tokens=32)
+    (tmp_path / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"disagree.*num_latent_tokens.*32 vs 64"):
+        load_released(tmp_path)
+    partial = dict(fields, **{tokenizer.EXPORT_CONFIG_KEY: {
+        k: v for k, v in fields[tokenizer.EXPORT_CONFIG_KEY].items() if k != "posterior"}})
+    with pytest.raises(ValueError, match=r"missing \['posterior'\]"):
+        tokenizer.config_from_released(partial)
+    nan = make_tokenizer("tiny")
+    with torch.no_grad():
+        nan.quant_conv.bias[0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite weights: \['quant_conv.bias'\]"):
+        tokenizer.save_released(nan, tmp_path / "nan")
+
+
+def test_export_command_writes_ema_or_raw_weights(tmp_path, monkeypatch, capsys):
+    import runpy
+    torch.manual_seed(0)
+    live, ema = make_tokenizer("tiny").eval(), make_tokenizer("tiny").eval()
+    randomize_layerscale(live)
+    randomize_layerscale(ema, seed=1)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"config": dataclasses.asdict(live.config), "model": live.state_dict(),
+                "ema": ema.state_dict(), "step": 7}, ckpt)
+    script = os.path.join(os.path.dirname(__file__), "..", "tokenizer.py")
+    for flags, expected in (([], ema), (["--raw"], live)):
+        out = tmp_path / f"out{len(flags)}"
+        monkeypatch.setattr(sys, "argv", ["tokenizer.py", "--export", str(ckpt), str(out), *flags])
+        runpy.run_path(script, run_name="__main__")
+        assert "only tokenizer.load_released loads it" in capsys.readouterr().out
+        assert_same_model(load_released(out), expected, 32)
+    with pytest.raises(ValueError, match="holds no 'ema' weights"):
+        torch.save({"config": dataclasses.asdict(live.config), "model": live.state_dict()}, ckpt)
+        tokenizer.export_checkpoint(str(ckpt), tmp_path / "none")
