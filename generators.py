@@ -21,7 +21,8 @@ Classifier-free guidance always runs ONE doubled batch [cond; null] (guided_pred
 Public API: GeneratorConfig, GEN_PRESETS, make_generator(preset, num_tokens, token_dim,
 num_classes=1000, **overrides), build_generator(config), model.loss(x, y), model.sample(y, steps,
 cfg_scale, guidance_interval, sampler, temperature, generator), SAMPLERS, PAPER_CFG / paper_cfg,
-load_released(folder), count_params, count_macs, model_stats.
+load_released(folder), save_released(model, folder, latent_mean, latent_std), count_params,
+count_macs, model_stats.
 
     model = make_generator("SiT-XL", num_tokens=64, token_dim=32)
     loss = model.loss(z, y)                                  # z: normalised latents, y: labels
@@ -36,13 +37,17 @@ nearly the same noise levels for both.
 Run `python generators.py --flops` for parameter counts and GFLOPs (multiply-accumulates, batch 1)
 of DiT-XL / SiT-XL at 32 and 64 tokens and MAR-H, beside the paper's Table 1. Tests:
 `python -m pytest -q tests/test_generators.py`. This file imports only torch (safetensors is
-imported inside load_released).
+imported inside load_released / save_released).
+
+Export a trained SiT / DiT (and its tokenizer) in the released format, EMA weights by default:
+    python generators.py --export runs/sit-xl-L-64/ckpt.pt out/sit-xl_softvq-l-64 \
+        --tokenizer-out out/softvq-l-64
 """
 
 import json
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -844,7 +849,8 @@ IGNORED_RELEASED_PREFIXES = ("projectors.",)
 
 
 def load_released(folder, **overrides):
-    """Build DiT / SiT from an official release: `config.json` + `model.safetensors`.
+    """Build DiT / SiT from an official release (or one of ours, save_released): `config.json` +
+    `model.safetensors`.
 
     Shapes come from the weights: L from pos_embed, D from x_embedder, width from x_embedder,
     depth from the blocks, learned sigma from final_layer.linear (2*D outputs). heads,
@@ -852,9 +858,13 @@ def load_released(folder, **overrides):
     Arch: "sit" if config.json has `path_type` (the SiT class's argument), "dit" if it has
     `learn_sigma` (the DiT class's), else DiT when sigma is learned and SiT otherwise. SiT samples
     with the cosine path, as the official README does for its released SiT models (override with
-    path="linear"). Strict: missing or unexpected keys and shape mismatches raise ValueError
-    naming them (`projectors.*` is skipped, see IGNORED_RELEASED_PREFIXES). overrides: other
-    GeneratorConfig fields (sampling settings such as path or sampling_steps)."""
+    path="linear"). Our exports also carry EXPORT_CONFIG_KEY (the whole GeneratorConfig: path,
+    samplers, schedules come from it; it must agree with the weights) and the latent statistics
+    the generator was trained with, kept as `model.latent_stats = (mean, std)` (None when
+    config.json has none, as in the official releases: then the tokenizer's vq_mean / vq_std
+    apply). Strict: missing or unexpected keys and shape mismatches raise ValueError naming them
+    (`projectors.*` is skipped, see IGNORED_RELEASED_PREFIXES). overrides: other GeneratorConfig
+    fields (sampling settings such as path or sampling_steps)."""
     _check_overrides(overrides)
     paths = {name: os.path.join(folder, name) for name in ("config.json", "model.safetensors")}
     missing_files = [p for p in paths.values() if not os.path.isfile(p)]
@@ -886,13 +896,23 @@ def load_released(folder, **overrides):
     for name, value in (("input_size", L), ("in_channels", D), ("hidden_size", width), ("depth", depth)):
         if name in meta and meta[name] != value:
             raise ValueError(f"config.json {name}={meta[name]} disagrees with the weights ({value})")
-    base = GEN_PRESETS["DiT-XL" if arch == "dit" else "SiT-XL"]
-    config = replace(base, num_tokens=L, token_dim=D, width=width, depth=depth,
+    saved = config_from_export(meta[EXPORT_CONFIG_KEY]) if EXPORT_CONFIG_KEY in meta else None
+    base = saved or GEN_PRESETS["DiT-XL" if arch == "dit" else "SiT-XL"]
+    config = replace(base, arch=arch, num_tokens=L, token_dim=D, width=width, depth=depth,
                      heads=meta.get("num_heads", base.heads), mlp_ratio=meta.get("mlp_ratio", base.mlp_ratio),
                      num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1
                      if "y_embedder.embedding_table.weight" in state else base.num_classes,
-                     learn_sigma=out == 2 * D, **overrides)
-    model = build_generator(config)
+                     learn_sigma=out == 2 * D)
+    if saved is not None:
+        wrong = [f"{f.name}: {getattr(saved, f.name)} vs {getattr(config, f.name)}" for f in fields(config)
+                 if getattr(saved, f.name) != getattr(config, f.name)]
+        if wrong:
+            raise ValueError(f"config.json {EXPORT_CONFIG_KEY} disagrees with the weights and official "
+                             f"fields (saved vs found): {wrong}")
+    stats = [float(meta[k]) for k in ("latent_mean", "latent_std") if k in meta]
+    if len(stats) == 1:
+        raise ValueError("config.json holds only one of latent_mean / latent_std")
+    model = build_generator(replace(config, **overrides))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -904,7 +924,99 @@ def load_released(folder, **overrides):
     if wrong:
         raise ValueError(f"released weights have wrong shapes (file vs model): {wrong}")
     model.load_state_dict(state)
+    model.latent_stats = tuple(stats) or None
     return model.eval()
+
+
+# ---- export in the released format (what we train -> config.json + model.safetensors) ----
+# Extra config.json field of our exports: the whole GeneratorConfig (the official SiT / DiT
+# classes ignore it: SiT passes unknown fields on as block keyword arguments that its blocks do
+# not read, and huggingface_hub drops them for DiT).
+EXPORT_CONFIG_KEY = "softvq_generator_config"
+
+
+def config_from_export(saved):
+    """GeneratorConfig from an EXPORT_CONFIG_KEY dict, which must hold exactly its fields."""
+    known = {f.name for f in fields(GeneratorConfig)}
+    got = set(saved) if isinstance(saved, dict) else set()
+    if got != known:
+        raise ValueError(f"config.json {EXPORT_CONFIG_KEY} must hold exactly the GeneratorConfig fields: "
+                         f"missing {sorted(known - got)}, unknown {sorted(got - known)}")
+    return GeneratorConfig(**saved)
+
+
+def released_state_dict(model):
+    """The tensors of a released SiT / DiT file: our names and shapes are the official ones
+    (SiT-XL/1, DiT-XL/1 with vae_1d). MAR has no released layout and is refused."""
+    if model.config.arch not in ("sit", "dit"):
+        raise ValueError(f"cannot export arch {model.config.arch!r}: only SiT and DiT have a released "
+                         f"(official) layout")
+    return dict(model.state_dict())
+
+
+def released_config(model, latent_mean, latent_std):
+    """config.json of a SiT / DiT export: the official class's constructor arguments (what
+    huggingface_hub's save_pretrained writes for SiT / DiT with vae_1d=True, patch size 1), the
+    latent mean / std the generator was trained with and EXPORT_CONFIG_KEY (read by load_released)."""
+    released_state_dict(model)                                     # refuses MAR
+    c = model.config
+    fields_ = {"input_size": c.num_tokens, "in_channels": c.token_dim, "hidden_size": c.width,
+               "depth": c.depth, "num_heads": c.heads, "mlp_ratio": c.mlp_ratio, "patch_size": 1,
+               "vae_1d": True, "class_dropout_prob": c.class_dropout, "num_classes": c.num_classes}
+    if c.arch == "sit":
+        fields_.update(path_type=c.path, decoder_hidden_size=c.width, use_cfg=c.class_dropout > 0,
+                       qk_norm=False)                            # official SiT blocks require qk_norm
+    else:
+        fields_.update(learn_sigma=model.learn_sigma)
+    fields_.update(latent_mean=float(latent_mean), latent_std=float(latent_std),
+                   **{EXPORT_CONFIG_KEY: dict(asdict(c), learn_sigma=model.learn_sigma)})  # SiT: False
+    return fields_
+
+
+def save_released(model, folder, latent_mean, latent_std):
+    """Write a SiT / DiT as a released folder: config.json (released_config) + model.safetensors
+    (released_state_dict). load_released(folder) gives back the same network, config and
+    latent_stats. Non-finite weights are refused, naming them. Returns the config.json fields."""
+    from safetensors.torch import save_file
+    meta = released_config(model, latent_mean, latent_std)
+    state = {k: v.detach().cpu().contiguous() for k, v in released_state_dict(model).items()}
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all())
+    if bad:
+        raise ValueError(f"cannot export non-finite weights: {bad}")
+    os.makedirs(folder, exist_ok=True)
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    return meta
+
+
+def export_checkpoint(ckpt, folder, ema=True, tokenizer_folder=None):
+    """Export a train_gen.py checkpoint (EMA weights, or the live ones with ema=False) with its
+    latent mean / std to `folder`; with tokenizer_folder, also its tokenizer (the EMA weights that
+    train_gen.py encoded with) carrying those statistics as vq_mean / vq_std, so the pair samples
+    as it was trained. Returns (generator fields, tokenizer fields or None)."""
+    import training            # deferred: this model file imports only torch at import time
+    if tokenizer_folder is not None and os.path.abspath(tokenizer_folder) == os.path.abspath(folder):
+        raise ValueError(f"the generator and its tokenizer need two folders, got {folder} for both")
+    state = training.load_checkpoint(ckpt)
+    config = state.get("config")
+    if not isinstance(config, dict) or "arch" not in config:
+        hint = (": it is a train_tok.py checkpoint, export it with python tokenizer.py --export"
+                if isinstance(config, dict) and "quantizer" in config else "")
+        raise ValueError(f"'{ckpt}' is not a train_gen.py checkpoint{hint}")
+    _check_overrides(config)
+    key = "ema" if ema else "model"
+    if key not in state:
+        raise ValueError(f"'{ckpt}' holds no '{key}' weights (keys: {sorted(state)})")
+    model = build_generator(GeneratorConfig(**config))
+    model.load_state_dict(state[key])
+    mean, std = float(state["latent_mean"]), float(state["latent_std"])
+    meta = save_released(model, folder, mean, std)
+    if tokenizer_folder is None:
+        return meta, None
+    import tokenizer
+    return meta, tokenizer.export_checkpoint(state["tokenizer"], tokenizer_folder, latent_mean=mean,
+                                             latent_std=std)
 
 
 def count_params(model):
@@ -968,8 +1080,26 @@ if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flops", action="store_true", help="print parameter counts and GFLOPs")
+    parser.add_argument("--export", nargs=2, metavar=("CKPT", "OUTDIR"),
+                        help="write a train_gen.py SiT / DiT checkpoint to OUTDIR in the released format "
+                             "(config.json + model.safetensors, with its latent mean / std)")
+    parser.add_argument("--raw", action="store_true",
+                        help="with --export: the live weights instead of the EMA weights")
+    parser.add_argument("--tokenizer-out", metavar="DIR",
+                        help="with --export: also export the checkpoint's tokenizer to DIR, its vq_mean / "
+                             "vq_std set to the generator's latent mean / std")
     args = parser.parse_args()
+    if (args.raw or args.tokenizer_out) and not args.export:
+        parser.error("--raw and --tokenizer-out only apply to --export")
     if args.flops:
         print(model_stats())
+    elif args.export:
+        meta, tok_fields = export_checkpoint(*args.export, ema=not args.raw, tokenizer_folder=args.tokenizer_out)
+        print(f"wrote {os.path.join(args.export[1], 'config.json')} and model.safetensors "
+              f"({meta[EXPORT_CONFIG_KEY]['arch'].upper()}, latent mean {meta['latent_mean']:.6g}, "
+              f"std {meta['latent_std']:.6g})")
+        if tok_fields is not None:
+            import tokenizer
+            print(tokenizer.describe_export(tok_fields, args.tokenizer_out))
     else:
         parser.print_help()

@@ -87,7 +87,8 @@ def load_models(args):
 
     A file is a train_gen.py checkpoint (its EMA weights, the paper samples with EMA; its
     tokenizer path and latent statistics); a folder is a released SiT / DiT, which needs
-    --tokenizer (a released tokenizer folder carries the latent mean / std as vq_mean / vq_std)."""
+    --tokenizer (a released tokenizer folder carries the latent mean / std as vq_mean / vq_std;
+    our exports, generators.save_released, also carry them in the generator's config, which wins)."""
     if args.ckpt is None:
         raise ValueError("no generator given: pass --ckpt <train_gen.py ckpt.pt or released SiT/DiT folder>")
     if os.path.isdir(args.ckpt):
@@ -95,7 +96,8 @@ def load_models(args):
         if args.tokenizer is None:
             raise ValueError(f"'{args.ckpt}' is a released generator: pass --tokenizer <released tokenizer "
                              "folder>")
-        tok_path, mean, std = args.tokenizer, None, None
+        # our exports carry the statistics the generator was trained with; official ones do not
+        tok_path, (mean, std) = args.tokenizer, model.latent_stats or (None, None)
     else:
         ckpt = training.load_checkpoint(args.ckpt)
         model = generators.build_generator(generators.GeneratorConfig(**ckpt["config"]))
@@ -103,8 +105,13 @@ def load_models(args):
         tok_path = args.tokenizer or ckpt["tokenizer"]
         mean, std = float(ckpt["latent_mean"]), float(ckpt["latent_std"])
     tok = tokenizer_lib.load_released(tok_path) if os.path.isdir(tok_path) else training.load_tokenizer(tok_path)
+    carried = float(tok.latent_mean), float(tok.latent_std)         # float32 buffers
+    if mean is not None and carried != (0.0, 1.0) and not all(
+            math.isclose(a, b, rel_tol=1e-6) for a, b in zip(carried, (mean, std))):
+        training.print0(f"warning: tokenizer '{tok_path}' carries latent mean / std {carried}, the generator "
+                        f"({mean}, {std}); sampling uses the generator's")
     if mean is None:
-        mean, std = float(tok.latent_mean), float(tok.latent_std)
+        mean, std = carried
         if (mean, std) == (0.0, 1.0):
             training.print0(f"warning: tokenizer '{tok_path}' carries no latent statistics (mean 0, std 1); "
                             "a released generator expects its released tokenizer's vq_mean / vq_std")

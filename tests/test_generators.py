@@ -5,6 +5,8 @@ generation, and strict loading of released SiT/DiT weights. CPU only, tiny model
 Run: python -m pytest -q tests/test_generators.py
 """
 
+import argparse
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 import generators as G
+from conftest import run_script
 
 OFFICIAL_SHAPES = os.path.join(os.path.dirname(__file__), "reference", "official-state-dict-shapes.json")
 
@@ -419,6 +422,7 @@ def test_load_released_sit_and_dit(tmp_path):
     c = model.config
     assert (c.arch, c.num_tokens, c.token_dim, c.width, c.depth, c.heads) == ("sit", 8, 4, 64, 2, 4)
     assert c.path == "cosine"                      # official sampling path, whatever training used
+    assert model.latent_stats is None              # official configs carry no latent statistics
     for key in ("blocks.1.mlp.fc2.weight", "pos_embed", "y_embedder.embedding_table.weight"):
         torch.testing.assert_close(model.state_dict()[key], state[key])
     assert model.sample(torch.tensor([3]), steps=3).shape == (1, 8, 4)
@@ -441,6 +445,100 @@ def test_load_released_is_strict(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         G.load_released(str(tmp_path / "empty"))
+
+
+# ---- export in the released format (save_released -> load_released) ----
+
+def random_generator(preset, seed=0, **overrides):
+    """Tiny network with every weight random (adaLN-Zero would make the output trivially zero)."""
+    model = G.make_generator(preset, 8, 4, num_classes=10, **overrides).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("preset,overrides", [("SiT-tiny", dict(path="linear", t_sampling="lognormal")),
+                                              ("DiT-tiny", dict(sampling_steps=50))])
+def test_save_released_round_trip_sit_and_dit(tmp_path, preset, overrides):
+    model = random_generator(preset, **overrides)
+    meta = G.save_released(model, str(tmp_path), latent_mean=0.0123, latent_std=0.456)
+    assert json.loads((tmp_path / "config.json").read_text()) == meta
+    # the official class's arguments for a 1-D latent with patch size 1
+    assert (meta["input_size"], meta["in_channels"], meta["hidden_size"], meta["depth"], meta["num_heads"],
+            meta["patch_size"], meta["vae_1d"], meta["num_classes"]) == (8, 4, 64, 2, 4, 1, True, 10)
+    if preset == "SiT-tiny":
+        assert (meta["path_type"], meta["qk_norm"], meta["decoder_hidden_size"]) == ("linear", False, 64)
+    else:
+        assert meta["learn_sigma"] is True and "path_type" not in meta
+    loaded = G.load_released(str(tmp_path))
+    assert loaded.config == model.config           # path / t_sampling / sampling_steps come back too
+    assert loaded.latent_stats == (0.0123, 0.456)
+    x, t, y = torch.randn(3, 8, 4), torch.rand(3) * (999 if preset == "DiT-tiny" else 1), torch.tensor([0, 9, 10])
+    with torch.no_grad():
+        out = model(x, t, y)
+        assert out.abs().max() > 0.01 and torch.equal(loaded(x, t, y), out)
+
+
+def test_export_layout_of_the_xl_generators_is_the_official_one():
+    with open(OFFICIAL_SHAPES) as f:
+        official = json.load(f)
+    for name, preset, tokens, dim in (("sit-xl-64", "SiT-XL", 64, 32), ("sit-xl-32", "SiT-XL", 32, 64),
+                                      ("dit-xl-64", "DiT-XL", 64, 32), ("dit-xl-32", "DiT-XL", 32, 64)):
+        with torch.device("meta"):
+            model = G.make_generator(preset, tokens, dim)
+        assert {k: list(v.shape) for k, v in G.released_state_dict(model).items()} == official[name]
+        meta = G.released_config(model, 0.0, 1.0)
+        assert (meta["input_size"], meta["in_channels"], meta["hidden_size"], meta["depth"]) == (
+            tokens, dim, 1152, 28)
+
+
+def test_export_refuses_mar_and_bad_checkpoints(tmp_path):
+    with pytest.raises(ValueError, match="cannot export arch 'mar'"):
+        G.save_released(G.make_generator("MAR-tiny", 8, 4), str(tmp_path / "mar"), 0.0, 1.0)
+    assert not (tmp_path / "mar").exists()
+    import tokenizer
+    tok = tokenizer.make_tokenizer("tiny")
+    torch.save({"config": dataclasses.asdict(tok.config), "model": tok.state_dict(), "ema": tok.state_dict()},
+               tmp_path / "tok.pt")
+    with pytest.raises(ValueError, match="train_tok.py checkpoint, export it with python tokenizer.py"):
+        G.export_checkpoint(str(tmp_path / "tok.pt"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="two folders"):
+        G.export_checkpoint(str(tmp_path / "gen.pt"), str(tmp_path / "out"), tokenizer_folder=str(tmp_path / "out"))
+    model = random_generator("SiT-tiny")
+    meta = G.released_config(model, 0.0, 1.0)
+    G.save_released(model, str(tmp_path / "sit"), 0.0, 1.0)
+    meta[G.EXPORT_CONFIG_KEY]["depth"] = 3                # disagrees with the weights
+    (tmp_path / "sit" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"disagrees with the weights.*depth: 3 vs 2"):
+        G.load_released(str(tmp_path / "sit"))
+
+
+def test_export_command_writes_a_pair_that_samples_as_trained(tmp_path, capsys):
+    """generators.py --export: EMA weights and latent statistics to the generator folder, the
+    tokenizer it was trained on to --tokenizer-out with those statistics as vq_mean / vq_std."""
+    import sample
+    import tokenizer
+    torch.manual_seed(0)
+    tok = tokenizer.make_tokenizer("tiny", tokens=8, token_dim=4, num_codebooks=2).eval()
+    torch.save({"config": dataclasses.asdict(tok.config), "model": tok.state_dict(), "ema": tok.state_dict()},
+               tmp_path / "tok.pt")
+    live, ema = random_generator("SiT-tiny"), random_generator("SiT-tiny", seed=1)
+    torch.save({"config": dataclasses.asdict(ema.config), "model": live.state_dict(), "ema": ema.state_dict(),
+                "latent_mean": 0.0123, "latent_std": 0.456, "tokenizer": str(tmp_path / "tok.pt")},
+               tmp_path / "gen.pt")
+    run_script("generators.py", "--export", tmp_path / "gen.pt", tmp_path / "sit", "--tokenizer-out", tmp_path / "tok")
+    printed = capsys.readouterr().out
+    assert "SIT, latent mean 0.0123, std 0.456" in printed and "vq_mean 0.0123, vq_std 0.456" in printed
+    loaded = G.load_released(str(tmp_path / "sit"))
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in loaded.state_dict().items())
+    released_tok = tokenizer.load_released(str(tmp_path / "tok"))
+    assert released_tok.latent_mean.item() == pytest.approx(0.0123)
+    # sample.py reads the pair with the statistics of the training checkpoint
+    _, _, mean, std, _ = sample.load_models(argparse.Namespace(ckpt=str(tmp_path / "sit"),
+                                                               tokenizer=str(tmp_path / "tok")))
+    assert (mean, std) == (0.0123, 0.456)
 
 
 # ---- bad input ----

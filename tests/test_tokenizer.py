@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_script
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tokenizer  # noqa: E402
@@ -480,8 +481,7 @@ def test_export_config_that_disagrees_or_is_incomplete_is_refused(tmp_path):
         tokenizer.save_released(nan, tmp_path / "nan")
 
 
-def test_export_command_writes_ema_or_raw_weights(tmp_path, monkeypatch, capsys):
-    import runpy
+def test_export_command_writes_ema_or_raw_weights(tmp_path, capsys):
     torch.manual_seed(0)
     live, ema = make_tokenizer("tiny").eval(), make_tokenizer("tiny").eval()
     randomize_layerscale(live)
@@ -489,11 +489,9 @@ def test_export_command_writes_ema_or_raw_weights(tmp_path, monkeypatch, capsys)
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"config": dataclasses.asdict(live.config), "model": live.state_dict(),
                 "ema": ema.state_dict(), "step": 7}, ckpt)
-    script = os.path.join(os.path.dirname(__file__), "..", "tokenizer.py")
     for flags, expected in (([], ema), (["--raw"], live)):
         out = tmp_path / f"out{len(flags)}"
-        monkeypatch.setattr(sys, "argv", ["tokenizer.py", "--export", str(ckpt), str(out), *flags])
-        runpy.run_path(script, run_name="__main__")
+        run_script("tokenizer.py", "--export", ckpt, out, *flags)
         assert "only tokenizer.load_released loads it" in capsys.readouterr().out
         assert_same_model(load_released(out), expected, 32)
     with pytest.raises(ValueError, match="holds no 'ema' weights"):
