@@ -19,6 +19,12 @@ Paper: "SoftVQ-VAE: Efficient 1-Dimensional Continuous Tokenizer" (arXiv 2412.10
                 of a frozen tokenizer (Fig. 3a), or with --sit on the mean-pooled output of block 20
                 of a SiT trained on them (Fig. 3b) (App. C.3: LAMB, lr 0.003 cosine, batch 16384,
                 90 epochs).
+  judge-train   train the offline judge: a small classifier on a data set (built-in or an
+                ImageFolder), saved to a file; needs no downloaded weights.
+  judge         "FD (built-in classifier)" (Frechet distance of the judge's 128-dim penultimate
+                features; not Inception FID) and class accuracy of class-conditional samples
+                (labels from the .npz's arr_1), for several image sets against one reference:
+                    python evaluate.py judge --judge judge.pt --ref held.npz cfg=samples.npz
   flops         GFLOPs (multiply-accumulates, as the paper's tables) of one forward of tokenizer
                 encoders/decoders and generators.
   throughput    training and sampling images/s (fp32, batch 64 as Tables 1-2) on whatever device
@@ -137,12 +143,13 @@ def _check_images(images, name):
                          f"got {images.dtype} {images.shape}")
 
 
-def save_images_npz(path, images, count=None):
+def save_images_npz(path, images, count=None, labels=None):
     """Write uint8 images as `arr_0` (N, H, W, 3) of an ADM-style .npz, atomically (temp file, rename).
 
     `images` is an (N, H, W, 3) array, or any iterable of (H, W, 3) images with their `count`
     (e.g. PNGs read one at a time): the file is streamed, since 50K samples at 512 px are 39 GB.
-    The layout is what np.savez writes: an uncompressed zip holding arr_0.npy."""
+    `labels` (N class ids), when given, go into `arr_1` (int64), as guided-diffusion's sampler
+    writes them. The layout is what np.savez writes: an uncompressed zip of arr_0.npy (arr_1.npy)."""
     if count is None:
         images = np.asarray(images)
         _check_images(images, path)
@@ -164,6 +171,12 @@ def save_images_npz(path, images, count=None):
                 f.write(np.ascontiguousarray(image).tobytes())
             if shape is None or n + 1 != count:
                 raise ValueError(f"{path}: got {0 if shape is None else n + 1} images, expected {count}")
+        if labels is not None:
+            labels = np.asarray(labels, dtype=np.int64)
+            if labels.shape != (count,):
+                raise ValueError(f"{path}: {labels.shape} labels for {count} images")
+            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, labels)
 
 
 def load_images_npz(path):
@@ -603,9 +616,137 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=PROBE
 
 
 # ---------------------------------------------------------------------------------------------
+# The offline judge: a small classifier trained by this project (no Inception file needed)
+# ---------------------------------------------------------------------------------------------
+# Without the Inception weights, generated images still need a judge. A small CNN trained here on
+# the data set (built-in or any ImageFolder) gives two numbers: the Frechet distance of its
+# JUDGE_WIDTH-dim penultimate features ("FD (built-in classifier)": the FID formula on other
+# features, so its values are not comparable with Inception FID), and the class accuracy of
+# class-conditional samples (does a sample of class c look like class c to the judge?).
+JUDGE_WIDTH = 128           # penultimate feature dimension
+JUDGE_EPOCHS = 4
+JUDGE_BATCH = 64
+JUDGE_LR = 2e-3
+JUDGE_FD_NAME = "FD (built-in classifier)"
+
+
+class Judge(nn.Module):
+    """Four 3x3 conv stages (32-64-128-128 channels, BatchNorm, ReLU, stride 2 from the second),
+    global average pool -> JUDGE_WIDTH features -> linear class head. Inputs: (B, 3, S, S) in [-1, 1]
+    at the training size S (other sizes are resized bilinearly)."""
+
+    def __init__(self, num_classes, image_size):
+        super().__init__()
+        self.num_classes, self.image_size = num_classes, image_size
+        layers, c_in = [], 3
+        for c_out, stride in ((32, 1), (64, 2), (128, 2), (JUDGE_WIDTH, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(JUDGE_WIDTH, num_classes)
+
+    def features(self, x):
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_judge(dataset, epochs=JUDGE_EPOCHS, batch_size=JUDGE_BATCH, lr=JUDGE_LR, seed=0,
+                num_workers=0, show=True):
+    """Train a Judge on a data set of (image in [-1, 1], label) with AdamW and a cosine lr (CPU:
+    about a minute for 4 epochs of 10K 32 px images). The data set's own augmentation applies."""
+    torch.manual_seed(seed)
+    judge = Judge(len(dataset.classes), dataset[0][0].shape[-1])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=num_workers,
+                                         generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * len(loader), pct_start=0.15)
+    judge.train()
+    for epoch in range(epochs):
+        correct = seen = 0
+        for x, y in tqdm(loader, desc=f"judge epoch {epoch + 1}/{epochs}", unit="batch", disable=not show):
+            logits = judge(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        if show:
+            print(f"judge epoch {epoch + 1}: train accuracy {100 * correct / seen:.1f}%", flush=True)
+    return judge.eval()
+
+
+def save_judge(path, judge, classes):
+    training.save_checkpoint(path, {"kind": "judge", "num_classes": judge.num_classes,
+                                    "image_size": judge.image_size, "classes": list(classes),
+                                    "model": judge.state_dict()})
+
+
+def load_judge(path, device="cpu"):
+    """A Judge saved by `evaluate.py judge-train` (a missing file names the command that makes it)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"judge file not found: {path}; train one with "
+                                f"`python evaluate.py judge-train --data-path DATA --out {path}`")
+    state = training.load_checkpoint(path)
+    if state.get("kind") != "judge":
+        raise ValueError(f"{path} is not a judge file (from `evaluate.py judge-train`)")
+    judge = Judge(state["num_classes"], state["image_size"])
+    judge.load_state_dict(state["model"])
+    return judge.to(device).eval()
+
+
+def load_labels_npz(path):
+    """`arr_1` of an ADM-style .npz (the class labels guided-diffusion's sampler writes), or None."""
+    with np.load(path) as npz:
+        return npz["arr_1"].astype(np.int64) if "arr_1" in npz else None
+
+
+@torch.no_grad()
+def judge_outputs(judge, source, batch_size=256, device="cpu"):
+    """Penultimate features (N, JUDGE_WIDTH) float64 and predicted classes (N,) of an image set."""
+    feats, preds = [], []
+    for batch in iter_images(source, batch_size):                 # uint8 (B, H, W, 3)
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        f = judge.features(x)
+        feats.append(f.double().cpu())
+        preds.append(judge.head(f).argmax(1).cpu())
+    return torch.cat(feats), torch.cat(preds)
+
+
+def judge_metrics(judge, sets, ref, batch_size=256, device="cpu"):
+    """{name: {"fd", "class_accuracy" (when the set has labels), "num_images"}} for each image set
+    in `sets` (name -> .npz / PNG folder) against the reference image set `ref`."""
+    ref_feats, _ = judge_outputs(judge, ref, batch_size, device)
+    ref_stats = FeatureStats()
+    ref_stats.update(ref_feats)
+    mu_r, sigma_r = ref_stats.mean_cov()
+    results = {}
+    for name, source in sets.items():
+        feats, preds = judge_outputs(judge, source, batch_size, device)
+        stats = FeatureStats()
+        stats.update(feats)
+        row = {"num_images": len(feats), "fd": frechet_distance(*stats.mean_cov(), mu_r, sigma_r)}
+        labels = load_labels_npz(source) if str(source).endswith(".npz") else None
+        if labels is not None:
+            if len(labels) != len(preds):
+                raise ValueError(f"{source}: {len(labels)} labels (arr_1) for {len(preds)} images")
+            row["class_accuracy"] = 100.0 * (preds.numpy() == labels).mean()
+        results[name] = row
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokenizers and data for `recon` / `linear-probe`
 # ---------------------------------------------------------------------------------------------
 BUILTIN_VAL_SEED = 1        # --data-path builtin: held-out generated images (training uses seed 0)
+BUILTIN_REF_SEED = 2        # a second held-out set: the reference of the judge's Frechet distance
 SUBSET_SEED = 0             # --num-images / --max-*-images: a fixed random subset of the data set
 
 
@@ -646,24 +787,29 @@ def _optional(loader_fn, path, device):
 
 
 @torch.no_grad()
-def reconstruction_metrics(model, loader, device, inception=None, lpips_model=None, show=True):
+def reconstruction_metrics(model, loader, device, inception=None, lpips_model=None, show=True,
+                           keep=None):
     """rFID / PSNR / SSIM / LPIPS / codebook usage of `model` on this rank's `loader`, reduced over
     all DDP ranks. Every metric is computed on the uint8-rounded images (what a saved PNG holds);
     rFID compares the Inception statistics of the originals with those of their reconstructions.
-    Returns a dict (rFID / LPIPS only when their networks are given)."""
+    Returns a dict (rFID / LPIPS only when their networks are given). `keep`, a list, receives
+    (inputs, reconstructions, labels) of every batch: uint8 (B, H, W, 3) arrays and labels."""
     real_stats, rec_stats = FeatureStats(), FeatureStats()
     sums = torch.zeros(4, dtype=torch.float64)          # images, PSNR, SSIM, LPIPS
     hits, captured = None, []
     # the quantizer's input z_hat, for the dataset-level codebook usage
     hook = model.quantize.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
     try:
-        for x, _ in tqdm(loader, desc="recon", unit="batch", disable=not show):
+        for x, y in tqdm(loader, desc="recon", unit="batch", disable=not show):
             x = x.to(device)
             rec = model.decode(model.encode(x))
             batch_hits = codebook_hits(model.quantize, captured.pop())
             if batch_hits is not None:
                 hits = batch_hits if hits is None else hits | batch_hits
             real8, rec8 = training.to_uint8(x), training.to_uint8(rec)
+            if keep is not None:
+                keep.append((real8.permute(0, 2, 3, 1).cpu().numpy(), rec8.permute(0, 2, 3, 1).cpu().numpy(),
+                             np.asarray(y)))
             sums[0] += len(x)
             sums[1] += psnr(real8, rec8).sum().item()
             sums[2] += ssim(real8, rec8).sum().item()
@@ -867,6 +1013,8 @@ def main_stats(args):
 
 def main_recon(args):
     with training.distributed() as (rank, _, world, device):
+        if args.save_npz and world > 1:
+            raise ValueError("--save-npz writes from one process: run recon without torchrun")
         model = load_tokenizer_from_args(args).to(device).eval()
         dataset = data.make_dataset(args.data_path, model.config.image_size, train=False,
                                     seed=BUILTIN_VAL_SEED)
@@ -874,8 +1022,14 @@ def main_recon(args):
                              args.batch_size, world, args.num_workers)
         inception, no_inception = _optional(load_inception, args.inception, device)
         lpips_model, no_lpips = _optional(load_lpips, args.vgg, device)
-        results = reconstruction_metrics(model, loader, device, inception, lpips_model, rank == 0)
+        keep = [] if args.save_npz else None
+        results = reconstruction_metrics(model, loader, device, inception, lpips_model, rank == 0, keep)
         report(results, args.out)
+        if args.save_npz:                 # the images and their reconstructions, with labels (arr_1)
+            inputs, recons, labels = (np.concatenate(a) for a in zip(*keep))
+            for path, images in ((f"{args.save_npz}-inputs.npz", inputs), (f"{args.save_npz}-recons.npz", recons)):
+                save_images_npz(path, images, labels=labels)
+            print(f"wrote {args.save_npz}-inputs.npz and {args.save_npz}-recons.npz ({len(labels)} images)")
         for name, missing in (("rFID", no_inception), ("LPIPS", no_lpips)):
             if missing:
                 training.print0(f"{name}: {missing}")
@@ -964,9 +1118,39 @@ def main_throughput(args):
                 del model
 
 
+def main_judge_train(args):
+    dataset = data.make_dataset(args.data_path, args.image_size, train=True, seed=0,
+                                builtin_size=args.builtin_size)
+    judge = train_judge(dataset, args.epochs, args.batch_size, args.lr, num_workers=args.num_workers)
+    held = data.make_dataset(args.val_path or args.data_path, args.image_size, train=False,
+                             seed=BUILTIN_VAL_SEED, builtin_size=args.val_images)
+    loader = make_loader(held, subset_indices(len(held), args.val_images), 256, 1, args.num_workers)
+    with torch.no_grad():
+        correct = sum((judge(x).argmax(1) == y).sum().item() for x, y in loader)
+    save_judge(args.out, judge, dataset.classes)
+    report({"judge": args.out, "held_out_images": len(loader.dataset),
+            "held_out_accuracy": 100.0 * correct / len(loader.dataset)}, args.json)
+
+
+def main_judge(args):
+    judge = load_judge(args.judge)
+    sets = dict(s.split("=", 1) if "=" in s else (s, s) for s in args.sets)
+    results = judge_metrics(judge, sets, args.ref, args.batch_size)
+    width = max(len(k) for k in results)
+    print(f"{'set':<{width}}  {'images':>6}  {JUDGE_FD_NAME:>24}  {'class accuracy (%)':>18}")
+    for name, row in results.items():
+        acc = f"{row['class_accuracy']:.1f}" if "class_accuracy" in row else "-"
+        print(f"{name:<{width}}  {row['num_images']:>6}  {row['fd']:>24.3f}  {acc:>18}")
+    if args.out:
+        import json
+        with training.atomic_write(args.out, "w") as f:
+            json.dump({"ref": args.ref, "metric": JUDGE_FD_NAME, "sets": results}, f, indent=2)
+
+
 COMMANDS = {"gen": main_gen, "fid": main_gen, "is": main_gen, "prec-recall": main_gen,
             "stats": main_stats, "recon": main_recon, "linear-probe": main_linear_probe,
-            "flops": main_flops, "throughput": main_throughput}
+            "flops": main_flops, "throughput": main_throughput, "judge-train": main_judge_train,
+            "judge": main_judge}
 
 
 def main(args):
@@ -1020,6 +1204,8 @@ if __name__ == "__main__":
     p.add_argument("--vgg", default=None, help=f"{VGG_FILE} (LPIPS)")
     p.add_argument("--grid", default=None, help="also save a PNG: images spread over the set and their reconstructions")
     p.add_argument("--grid-images", type=int, default=16, help="images in --grid")
+    p.add_argument("--save-npz", default=None, metavar="PREFIX",
+                   help="also write PREFIX-inputs.npz and PREFIX-recons.npz (uint8, labels in arr_1)")
 
     p = sub.add_parser("linear-probe", help="linear probing of tokenizer latents (Fig. 3a) or SiT features (3b)")
     tokenizer_args(p)
@@ -1038,6 +1224,28 @@ if __name__ == "__main__":
     p.add_argument("--probe-batch-size", type=int, default=PROBE_BATCH)
     p.add_argument("--lr", type=float, default=PROBE_LR)
     p.add_argument("--weight-decay", type=float, default=0.0)
+
+    p = sub.add_parser("judge-train", help="train the offline classifier judge on a data set")
+    p.add_argument("--data-path", required=True, help=f"ImageFolder (training split) or '{data.BUILTIN}'")
+    p.add_argument("--val-path", default=None, help="held-out ImageFolder for its accuracy "
+                                                    "(default: --data-path; builtin: held-out images)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--builtin-size", type=int, default=10000, help="training images of the built-in set")
+    p.add_argument("--val-images", type=int, default=2000, help="held-out images for the accuracy")
+    p.add_argument("--epochs", type=int, default=JUDGE_EPOCHS)
+    p.add_argument("--batch-size", type=int, default=JUDGE_BATCH)
+    p.add_argument("--lr", type=float, default=JUDGE_LR)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--out", required=True, help="the judge file to write (e.g. runs/judge.pt)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    p = sub.add_parser("judge", help=f"{JUDGE_FD_NAME} and class accuracy of image sets")
+    p.add_argument("--judge", required=True, help="file from `evaluate.py judge-train`")
+    p.add_argument("--ref", required=True, help="reference images (.npz or PNG folder), e.g. held-out data")
+    p.add_argument("sets", nargs="+", help="image sets, NAME=PATH or PATH (.npz with labels in arr_1 "
+                                           "gives the class accuracy)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
 
     p = sub.add_parser("flops", help="GFLOPs (multiply-accumulates) per forward")
     p.add_argument("--tokenizers", nargs="+", default=["S", "B", "BL", "L"])

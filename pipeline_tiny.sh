@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # The whole tiny pipeline on the built-in data set, on a CPU, no downloads (< 5 min on 2 cores):
-#   tokenizer (train_tok.py) -> cached latents -> SiT-tiny generator (train_gen.py) -> 200 samples
-#   (sample.py) -> metrics (evaluate.py recon / linear-probe, sample.py's nearest-neighbour check).
-# Ends with runs/samples-tiny/grid.png and a table of the numbers (runs/eval-tiny/table.txt).
+#   judge (evaluate.py judge-train: a small classifier, the offline judge of generated images)
+#   -> tokenizer (train_tok.py) -> cached latents -> SiT-tiny generator (train_gen.py)
+#   -> samples with and without CFG, and decoded random latents (sample.py)
+#   -> reconstructions of held-out images (evaluate.py recon) -> one table (evaluate.py judge).
+# Ends with runs/samples-tiny/grid.png (one row per class), runs/eval-tiny/recon-grid.png and
+# the table runs/eval-tiny/table.txt. Every image-set row of the table holds the same number of
+# images, judged against the same held-out reference.
 #
 #   bash pipeline_tiny.sh
 #
 # Environment (defaults in brackets) to shrink or move it, e.g. for the test suite:
-#   PYTHON [python3]  RUNS [runs]  TOK_ITERS [200]  GEN_IMAGES [2000]  GEN_STEPS [600]
-#   NUM_IMAGES [200]  SAMPLE_STEPS [50]  EVAL_IMAGES [500]  PROBE_IMAGES [2000]  PROBE_EPOCHS [30]
+#   PYTHON [python3]  RUNS [runs]  JUDGE_IMAGES [5000]  JUDGE_EPOCHS [3]  TOK_ITERS [the preset's]
+#   GEN_IMAGES [5000]  GEN_STEPS [the preset's]  NUM_IMAGES [1000]  SAMPLE_STEPS [25]
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 RUNS=${RUNS:-runs}
-TOK=$RUNS/tiny-64/ckpt.pt      # train_tok.py --preset tiny writes <out-dir>/tiny-64/
+N=${NUM_IMAGES:-1000}
+TOK=$RUNS/tiny-16/ckpt.pt      # train_tok.py --preset tiny writes <out-dir>/tiny-<tokens>/
 EVAL=$RUNS/eval-tiny
 mkdir -p "$EVAL"
 : > "$EVAL/timings.txt"
@@ -24,54 +29,60 @@ stage() {   # stage NAME COMMAND...: run it, append "NAME MILLISECONDS" to timin
     "$@"
     echo "$name $(( ($(date +%s%N) - start) / 1000000 ))" >> "$EVAL/timings.txt"
 }
+optional() {   # the flag and value only when the value is set: optional FLAG VALUE
+    [ -n "$2" ] && echo "$1 $2" || true
+}
 
-stage tokenizer  $PY train_tok.py --preset tiny --out-dir "$RUNS" --iters "${TOK_ITERS:-200}"
+stage judge      $PY evaluate.py judge-train --data-path builtin --builtin-size "${JUDGE_IMAGES:-5000}" \
+                     --epochs "${JUDGE_EPOCHS:-3}" --val-images "$N" --out "$RUNS/judge-tiny.pt" --json "$EVAL/judge-train.json"
+stage tokenizer  $PY train_tok.py --preset tiny --tokens 16 --out-dir "$RUNS" --overwrite $(optional --iters "${TOK_ITERS:-}")
 stage cache      $PY train_gen.py --preset tiny --cache-latents --tokenizer "$TOK" --cache-dir "$RUNS/latents-tiny" \
-                     --builtin-size "${GEN_IMAGES:-2000}"
-stage generator  $PY train_gen.py --preset tiny --cache-dir "$RUNS/latents-tiny" --out "$RUNS/gen-tiny" --steps "${GEN_STEPS:-600}"
-rm -rf "$RUNS/samples-tiny"    # samples of an earlier generator would be kept (sample.py resumes)
-stage sampling   $PY sample.py --preset tiny --ckpt "$RUNS/gen-tiny/ckpt.pt" --out "$RUNS/samples-tiny" \
-                     --num-images "${NUM_IMAGES:-200}" --steps "${SAMPLE_STEPS:-50}"
-stage recon      $PY evaluate.py recon --ckpt "$TOK" --data-path builtin --num-images "${EVAL_IMAGES:-500}" \
-                     --num-workers 0 --out "$EVAL/recon.json"
-stage probe      $PY evaluate.py linear-probe --ckpt "$TOK" --train-path builtin --val-path builtin \
-                     --max-train-images "${PROBE_IMAGES:-2000}" --max-val-images "${EVAL_IMAGES:-500}" --epochs "${PROBE_EPOCHS:-30}" \
-                     --probe-batch-size 256 --num-workers 0 --out "$EVAL/probe.json"
+                     --builtin-size "${GEN_IMAGES:-5000}" --overwrite
+stage generator  $PY train_gen.py --preset tiny --cache-dir "$RUNS/latents-tiny" --out "$RUNS/gen-tiny" --overwrite \
+                     $(optional --steps "${GEN_STEPS:-}")
+# sample.py resumes into an existing folder: start clean so no samples of an earlier generator are kept
+rm -rf "$RUNS/samples-tiny" "$RUNS/samples-tiny-nocfg" "$RUNS/random-latents-tiny"
+SAMPLE="$PY sample.py --preset tiny --ckpt $RUNS/gen-tiny/ckpt.pt --num-images $N --steps ${SAMPLE_STEPS:-25}"
+stage samples-cfg    $SAMPLE --out "$RUNS/samples-tiny"
+stage samples-nocfg  $SAMPLE --out "$RUNS/samples-tiny-nocfg" --cfg-scale 1.0
+stage random-latents $SAMPLE --out "$RUNS/random-latents-tiny" --random-latents
+stage recon      $PY evaluate.py recon --ckpt "$TOK" --data-path builtin --num-images "$N" --num-workers 0 \
+                     --out "$EVAL/recon.json" --save-npz "$EVAL/held-out" --grid "$EVAL/recon-grid.png" --grid-images 10
 
-# ---- the table: numbers that need no weight files; the others say which file they need ----
+# ---- the table: every set of N images against N other held-out images (the reference) ----
+$PY - "$EVAL/reference.npz" "$N" <<'EOF'
+import sys
+import numpy as np
+import data, evaluate, training
+path, n = sys.argv[1], int(sys.argv[2])
+ref = data.make_dataset("builtin", 32, train=False, seed=evaluate.BUILTIN_REF_SEED, builtin_size=n)
+evaluate.save_images_npz(path, training.to_uint8(
+    __import__("torch").stack([ref[i][0] for i in range(n)])).permute(0, 2, 3, 1).numpy())
+EOF
+CFG=$($PY -c "import sample; print(sample.PRESETS['tiny']['cfg_scale'])")
+stage judging    $PY evaluate.py judge --judge "$RUNS/judge-tiny.pt" --ref "$EVAL/reference.npz" --out "$EVAL/judge.json" \
+                     "real held-out images (floor)=$EVAL/held-out-inputs.npz" \
+                     "tokenizer reconstructions=$EVAL/held-out-recons.npz" \
+                     "samples, CFG $CFG=$RUNS/samples-tiny/samples.npz" \
+                     "samples, no CFG=$RUNS/samples-tiny-nocfg/samples.npz" \
+                     "decoded random latents (ceiling)=$RUNS/random-latents-tiny/samples.npz"
 $PY - "$RUNS" <<'EOF' | tee "$EVAL/table.txt"
 import json, os, sys
-import numpy as np
-import data, evaluate
 runs = sys.argv[1]
-load = lambda name: json.load(open(os.path.join(runs, name)))
-recon, probe, summary = load("eval-tiny/recon.json"), load("eval-tiny/probe.json"), load("samples-tiny/summary.json")
-needs = lambda key, fname, res: f"{res[key]:.4g}" if key in res else f"needs {fname}"
-rows = [("tokenizer PSNR (dB)", f"{recon['psnr']:.2f}"), ("tokenizer SSIM", f"{recon['ssim']:.4f}"),
-        ("codebook usage", f"{recon['codebook_usage']:.4f}"),
-        ("tokenizer rFID", needs("rfid", evaluate.INCEPTION_FILE, recon)),
-        ("tokenizer LPIPS", needs("lpips", evaluate.VGG_FILE, recon)),
-        ("linear probe top-1 (%)", f"{probe['top1']:.1f}")]
-# gFID / IS of the samples, against as many held-out built-in images, when the Inception file is there
-gen, samples = {}, os.path.join(runs, "samples-tiny", "samples.npz")
-try:
-    inception = evaluate.weight_file(evaluate.INCEPTION_FILE)
-    images = evaluate.load_images_npz(samples)
-    held = data.make_dataset("builtin", images.shape[1], train=False, seed=evaluate.BUILTIN_VAL_SEED)
-    ref = os.path.join(runs, "eval-tiny", "ref.npz")
-    evaluate.save_images_npz(ref, np.stack([evaluate.to_uint8(held[i][0][None])[0].permute(1, 2, 0).numpy()
-                                            for i in range(len(images))]))
-    gen = evaluate.generation_metrics(samples, ref, ("is", "fid"), inception)
-except FileNotFoundError:
-    pass
-rows += [("samples gFID (vs held-out built-in)", needs("fid", evaluate.INCEPTION_FILE, gen)),
-         ("samples IS", needs("inception_score", evaluate.INCEPTION_FILE, gen))]
-for name, r in summary["nn_check"].items():
-    rows.append((f"nearest-real RMSE / class match: {name}", f"{r['nn_rmse']:.4f} / {100 * r['nn_class_match']:.0f}%"))
+load = lambda name: json.load(open(os.path.join(runs, "eval-tiny", name)))
+recon, judge, trained = load("recon.json"), load("judge.json"), load("judge-train.json")
+print(f"{'image set':<40} {'images':>6} {judge['metric']:>25} {'class accuracy (%)':>19}")
+for name, row in judge["sets"].items():
+    acc = f"{row['class_accuracy']:.1f}" if "class_accuracy" in row else "-"
+    print(f"{name:<40} {row['num_images']:>6} {row['fd']:>25.2f} {acc:>19}")
+rows = [("tokenizer PSNR (dB) / SSIM", f"{recon['psnr']:.2f} / {recon['ssim']:.4f}"),
+        ("tokenizer codebook usage", f"{recon['codebook_usage']:.3f}" if "codebook_usage" in recon else "-"),
+        ("judge accuracy on real held-out images (%)", f"{trained['held_out_accuracy']:.1f}")]
 timings = [(name, int(ms) / 1000) for name, ms in map(str.split, open(os.path.join(runs, "eval-tiny", "timings.txt")))]
 rows += [(f"time: {name} (s)", f"{sec:.1f}") for name, sec in timings]
 rows.append(("time: total (s)", f"{sum(sec for _, sec in timings):.1f}"))
 width = max(len(k) for k, _ in rows)
 print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-print(f"sample grid: {os.path.join(runs, 'samples-tiny', 'grid.png')}")
+print(f"grids: {os.path.join(runs, 'samples-tiny', 'grid.png')} (a row per class), "
+      f"{os.path.join(runs, 'eval-tiny', 'recon-grid.png')} (inputs over reconstructions)")
 EOF

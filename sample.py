@@ -5,8 +5,10 @@ Paper Sec. 4 and App. C.2; the output is what evaluate.py needs for gFID / IS.
 Generates N images (50K by default: 50 per ImageNet class), decodes them with the tokenizer and
 writes into --out:
     samples/000000.png ...   one PNG per image, named by its global index
-    samples.npz              all of them as one ADM-style batch (uint8 N x H x W x 3, key arr_0)
-    grid.png                 the first 64
+    samples.npz              all of them as one ADM-style batch (uint8 N x H x W x 3, key arr_0;
+                             their class labels in arr_1, as guided-diffusion's sampler writes them)
+    grid.png                 a row per class (the first GRID_ROWS classes, GRID_COLUMNS images
+                             each) when there are enough images, else the first 64
     meta.json                the sampling settings (a resumed run must use the same)
 Image i has class i % num_classes. The images are cut into chunks of --batch-size consecutive
 indices; chunk c is drawn by rank c % world_size with the random seed (seed, c). An image therefore
@@ -30,6 +32,9 @@ Presets (App. C.2; explicit flags override them):
     mar-h      CFG 3.0 (linear CFG schedule), L iterations, temperature 1.0
     tiny       the tiny pipeline's generator, 200 images
 Without a preset: the checkpoint's own sampler and steps, CFG 1.0 (the "w/o CFG" columns).
+
+`--random-latents` skips the generator and decodes latents drawn from N(0, I) in the normalised
+latent space (what an untrained generator produces): the "ceiling" row of a generation table.
 
 `--nn-check builtin` (on in the tiny preset) measures whether the samples look like the built-in
 data set: the mean per-pixel RMSE from each image to its nearest real training image, for the
@@ -70,7 +75,7 @@ PRESETS = {
 DEFAULTS = dict(ckpt=None, tokenizer=None, out="runs/samples", num_images=50_000, batch_size=50,
                 sampler=None, steps=None, cfg_scale=1.0, guidance_interval=(0.0, 1.0), temperature=1.0,
                 nn_check=None)
-GRID_IMAGES = 64               # grid.png shows the first 64 samples
+GRID_ROWS, GRID_COLUMNS = 10, 8   # grid.png: a row of 8 samples for each of the first 10 classes
 NN_REF_IMAGES = 1000           # --nn-check: real training images the samples are compared with
 
 
@@ -200,7 +205,8 @@ def run(args, rank, world_size, device):
                     num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
                     sampler=args.sampler or c.sampler, steps=args.steps,
                     cfg_scale=args.cfg_scale, guidance_interval=list(args.guidance_interval),
-                    temperature=args.temperature, latent_mean=mean, latent_std=std)
+                    temperature=args.temperature, latent_mean=mean, latent_std=std,
+                    random_latents=args.random_latents)
 
     # ---- output folder; a rerun must use the same settings (else its images would differ) ----
     # Every rank checks (not only rank 0), so a mismatch stops all ranks instead of leaving the
@@ -237,8 +243,12 @@ def run(args, rank, world_size, device):
         index = chunk(ch)
         y = (index % c.num_classes).to(device)                            # 50 per class at 50K / 1000
         gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + ch)
-        z = model.sample(y, steps=args.steps, cfg_scale=args.cfg_scale, guidance_interval=args.guidance_interval,
-                         sampler=args.sampler, temperature=args.temperature, generator=gen)
+        if args.random_latents:
+            z = torch.randn((len(y), c.num_tokens, c.token_dim), generator=gen, device=device)
+        else:
+            z = model.sample(y, steps=args.steps, cfg_scale=args.cfg_scale,
+                             guidance_interval=args.guidance_interval, sampler=args.sampler,
+                             temperature=args.temperature, generator=gen)
         for i, image in zip(index.tolist(), decode(tok, z, mean, std)):
             write_png(png_path(args, i), image)
         bar.update(len(index))
@@ -252,10 +262,15 @@ def run(args, rank, world_size, device):
         return
     npz = os.path.join(args.out, "samples.npz")
     evaluate.save_images_npz(npz, (read_png(png_path(args, i)) for i in range(args.num_images)),
-                             count=args.num_images)
-    grid = torch.from_numpy(np.stack([read_png(png_path(args, i))
-                                      for i in range(min(GRID_IMAGES, args.num_images))]))
-    training.save_image_grid(grid.permute(0, 3, 1, 2), os.path.join(args.out, "grid.png"))
+                             count=args.num_images, labels=np.arange(args.num_images) % c.num_classes)
+    # image i has class i % C: images c, c + C, c + 2C, ... of class c make its row
+    per_class = min(GRID_COLUMNS, args.num_images // c.num_classes)
+    if per_class >= 2:
+        picks = [k + j * c.num_classes for k in range(min(GRID_ROWS, c.num_classes)) for j in range(per_class)]
+    else:
+        picks, per_class = range(min(GRID_ROWS * GRID_COLUMNS, args.num_images)), GRID_COLUMNS
+    grid = torch.from_numpy(np.stack([read_png(png_path(args, i)) for i in picks]))
+    training.save_image_grid(grid.permute(0, 3, 1, 2), os.path.join(args.out, "grid.png"), nrow=per_class)
     summary = dict(num_images=args.num_images, seconds=elapsed,
                    images_per_second=bar.n * world_size / elapsed if bar.n else None)
     print(f"wrote {args.num_images} images -> {npz}, {args.out}/grid.png "
@@ -286,6 +301,8 @@ if __name__ == "__main__":
                    help="apply CFG only for t in [LO, HI] (t = 1 noise, 0 data); SiT presets 0 0.7")
     p.add_argument("--temperature", type=float, help="noise temperature of SDE / DDPM / MAR sampling")
     p.add_argument("--nn-check", choices=[data.BUILTIN], help="nearest-real-image check against the built-in data")
+    p.add_argument("--random-latents", action="store_true",
+                   help="decode N(0, I) latents instead of sampling the generator (the ceiling row)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda ...")
     main(resolve(p.parse_args()))

@@ -47,6 +47,7 @@ LN_EPS = 1e-6               # LayerNorm eps of DINOv2, DINO and the official tok
 MLP_RATIO = 4               # MLP hidden width = 4 x width
 LAYERSCALE_INIT = 1e-5      # LayerScale init for randomly initialised blocks (DINOv2 / timm)
 INIT_STD = 0.02             # truncated-normal std of random weights and embeddings
+CLS_INIT_STD = 1e-6         # timm's cls-token init for a randomly initialised ViT
 IN_CHANNELS = 3             # RGB
 
 # Position grids are resized like timm does it (what the official code uses when it loads DINOv2
@@ -112,9 +113,9 @@ class Mlp(nn.Module):
 class LayerScale(nn.Module):
     """Per-channel scale of a residual branch (DINOv2); parameter name `gamma` as in the .pth."""
 
-    def __init__(self, width):
+    def __init__(self, width, init=LAYERSCALE_INIT):
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((width,), LAYERSCALE_INIT))
+        self.gamma = nn.Parameter(torch.full((width,), float(init)))
 
     def forward(self, x):
         return x * self.gamma
@@ -124,17 +125,17 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
 
     layerscale=False (DINO v1, CLIP) has no ls1/ls2 parameters at all, so their state dicts load
-    strictly; eps is the LayerNorm eps (CLIP: 1e-5).
+    strictly; eps is the LayerNorm eps (CLIP: 1e-5); layerscale_init the gammas' initial value.
     """
 
-    def __init__(self, width, heads, layerscale=True, eps=LN_EPS):
+    def __init__(self, width, heads, layerscale=True, eps=LN_EPS, layerscale_init=LAYERSCALE_INIT):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
-        self.ls1 = LayerScale(width) if layerscale else nn.Identity()
+        self.ls1 = LayerScale(width, layerscale_init) if layerscale else nn.Identity()
         self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = Mlp(width)
-        self.ls2 = LayerScale(width) if layerscale else nn.Identity()
+        self.ls2 = LayerScale(width, layerscale_init) if layerscale else nn.Identity()
 
     def forward(self, x):
         x = x + self.ls1(self.attn(self.norm1(x)))
@@ -185,7 +186,7 @@ class VisionTransformer(nn.Module):
     """
 
     def __init__(self, img_size, patch_size, width, depth, heads, layerscale=True, patch_embed=True,
-                 eps=LN_EPS, patch_bias=True):
+                 eps=LN_EPS, patch_bias=True, layerscale_init=LAYERSCALE_INIT):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
@@ -193,10 +194,10 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, width, patch_bias) if patch_embed else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, width))
-        self.blocks = nn.ModuleList(Block(width, heads, layerscale, eps) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, layerscale, eps, layerscale_init) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=eps)
         self.apply(init_weights)
-        nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        nn.init.normal_(self.cls_token, std=CLS_INIT_STD)      # timm's ViT init (official random init)
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
 
     def grid_size(self, height, width):
@@ -297,6 +298,9 @@ class TokenizerConfig:
     entropy_temp: float = 0.01      # official: the entropy term's own temperature
     vq_beta: float = 0.25           # VQ baseline commitment weight (Table 3)
     kl_weight: float = 1e-6         # KL-VAE baseline weight (Table 3)
+    # LayerScale gammas of randomly initialised blocks: timm's DINOv2 value 1e-5 (official); a
+    # DINOv2-initialised encoder loads its own. The tiny preset, random on both sides, uses 1.0.
+    layerscale_init: float = LAYERSCALE_INIT
 
 
 def _vit_dims(prefix, size):
@@ -339,11 +343,11 @@ class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.model = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.enc_width, cfg.enc_depth,
-                                       cfg.enc_heads)
+                                       cfg.enc_heads, layerscale_init=cfg.layerscale_init)
         # Sec. 3.1: L extra 1-D learnable tokens with their own 1-D learned positions.
         self.latent_tokens = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.enc_width))
         self.latent_pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.enc_width))
-        nn.init.trunc_normal_(self.latent_tokens, std=INIT_STD)
+        nn.init.normal_(self.latent_tokens, std=INIT_STD)              # official init
         nn.init.trunc_normal_(self.latent_pos_embed, std=INIT_STD)
 
     def forward(self, x):
@@ -364,13 +368,12 @@ class Decoder(nn.Module):
         super().__init__()
         self.patch_size = cfg.patch_size
         self.model = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.dec_width, cfg.dec_depth,
-                                       cfg.dec_heads, patch_embed=False)
+                                       cfg.dec_heads, patch_embed=False, layerscale_init=cfg.layerscale_init)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_width))
         self.latent_pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dec_width))
         self.to_pixel = nn.Linear(cfg.dec_width, IN_CHANNELS * cfg.patch_size ** 2)
-        nn.init.trunc_normal_(self.mask_token, std=INIT_STD)
-        nn.init.trunc_normal_(self.latent_pos_embed, std=INIT_STD)
-        init_weights(self.to_pixel)
+        nn.init.normal_(self.mask_token, std=INIT_STD)                 # official init; the pixel
+        nn.init.trunc_normal_(self.latent_pos_embed, std=INIT_STD)     # head keeps nn.Linear's own
 
     def forward(self, z, grid):
         """z: (B, L, dec_width) after post_quant_conv; grid: output patch grid (h, w)."""
@@ -402,8 +405,9 @@ class SoftVQVAE(nn.Module):
         self.quantize = QUANTIZERS[config.quantizer](config.token_dim, config.num_tokens, **kwargs)
         self.post_quant_conv = nn.Linear(config.token_dim, config.dec_width)
         self.decoder = Decoder(config)
-        init_weights(self.quant_conv)
-        init_weights(self.post_quant_conv)
+        # quant_conv / post_quant_conv keep nn.Linear's default init (uniform, bound 1/sqrt(fan_in)),
+        # as the official nn.Linear layers: about 5x the 0.02 of the ViT weights at D = 32, so the
+        # decoder's latents start on a par with their position embeddings.
         self.register_buffer("latent_mean", torch.zeros(()))
         self.register_buffer("latent_std", torch.ones(()))
 
