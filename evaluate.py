@@ -70,7 +70,7 @@ VGG_URL = "https://download.pytorch.org/models/" + VGG_FILE
 # ---- metric constants ----
 FID_EPS = 1e-6              # ADM / pytorch-fid: diagonal offset when sqrtm(sigma1 sigma2) is singular
 FID_IMAG_ATOL = 1e-3        # ADM / pytorch-fid: largest tolerated imaginary part on sqrtm's diagonal
-IS_SPLITS = 10              # Inception score over 10 splits (ADM: 50K samples in chunks of 5000)
+IS_SPLIT_SIZE = 5000        # ADM evaluator: IS over consecutive chunks of 5000 (10 at 50K, 2 at 10K)
 PR_K = 3                    # Kynkaanniemi et al. 2019 / ADM evaluator: radius = 3rd nearest neighbour
 PR_BATCH = 10000            # rows / columns per distance block (ADM evaluator's batch sizes)
 PIXEL_MAX = 255.0           # PSNR / SSIM data range: uint8 images
@@ -363,20 +363,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def inception_score(logits, splits=IS_SPLITS):
+def inception_score(logits, split_size=IS_SPLIT_SIZE):
     """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016) per split; (mean, std) over splits.
 
-    `logits`: the Inception 'logits_unbiased' (N, 1008). As the ADM evaluator, splits are
-    consecutive chunks of the samples (no shuffling) and p(y) is each split's mean; float64.
+    `logits`: the Inception 'logits_unbiased' (N, 1008). As the ADM evaluator
+    (compute_inception_score), splits are consecutive chunks of `split_size` samples (no
+    shuffling; the last chunk holds the rest, so 10 splits at 50K, 2 at 10K, 1 below 5K) and p(y)
+    is each split's mean; float64. The ADM evaluator reports the mean.
     """
     logits = torch.as_tensor(logits).double()
     n = logits.shape[0]
-    if n < splits:
-        raise ValueError(f"inception score over {splits} splits needs >= {splits} samples, got {n}")
+    if n < 1 or isinstance(split_size, bool) or not isinstance(split_size, int) or split_size < 1:
+        raise ValueError(f"inception score needs >= 1 sample and a positive integer split_size, got "
+                         f"{n} samples and split_size {split_size!r}")
     log_p = logits.log_softmax(dim=1)
     scores = []
-    for i in range(splits):
-        part = log_p[i * n // splits:(i + 1) * n // splits]
+    for start in range(0, n, split_size):
+        part = log_p[start:start + split_size]
         log_py = part.exp().mean(0).log()                     # log p(y) of this split
         kl = (part.exp() * (part - log_py)).sum(1).mean()
         scores.append(kl.exp().item())
@@ -393,11 +396,15 @@ def manifold_radii(feats, k=PR_K, batch_size=PR_BATCH, device="cpu"):
     """Squared distance of every feature to its k-th nearest neighbour in the same set (itself,
     at distance 0, not counted), computed block by block: (batch x batch) at a time."""
     feats = feats.float()
+    if len(feats) <= k:
+        raise ValueError(f"precision / recall need more than k = {k} features per set, got {len(feats)}")
     radii = []
     for rows in tqdm(feats.split(batch_size), desc="radii", disable=len(feats) <= batch_size):
         rows = rows.to(device)
-        # the k + 1 smallest of every column block, then of their union: no N x N matrix
-        best = torch.cat([_sq_dists(rows, cols.to(device)).topk(k + 1, dim=1, largest=False).values
+        # the k + 1 smallest of every column block (all of a last block with fewer columns), then
+        # of their union: no N x N matrix
+        best = torch.cat([_sq_dists(rows, cols.to(device)).topk(min(k + 1, len(cols)), dim=1,
+                                                                largest=False).values
                           for cols in feats.split(batch_size)], dim=1)
         radii.append(best.topk(k + 1, dim=1, largest=False).values[:, k].cpu())
     return torch.cat(radii)
@@ -1180,7 +1187,7 @@ if __name__ == "__main__":
         p.add_argument("samples", help="PNG folder or .npz (arr_0 uint8 N x H x W x 3)")
         p.add_argument("ref", help="PNG folder, .npz images, or .npz statistics (mu, sigma)")
         common(p)
-    p = sub.add_parser("is", help="Inception score (10 splits)")
+    p = sub.add_parser("is", help="Inception score (splits of 5000, as the ADM evaluator)")
     p.add_argument("samples", help="PNG folder or .npz (arr_0 uint8 N x H x W x 3)")
     common(p)
     p = sub.add_parser("stats", help="write mu / sigma of an image set (an FID reference)")

@@ -60,7 +60,7 @@ NORM_EPS = 1e-6             # LayerNorm eps everywhere (DiT, MAR)
 COSINE_S = 0.008            # offset of the Nichol & Dhariwal cosine noise schedule
 MAX_BETA = 0.999            # beta clip of the cosine schedule
 SDE_LAST_T = 0.04           # SDE sampler: last noisy time; one noise-free drift step goes 0.04 -> 0
-LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2   # EDM log-normal sigma for t sampling (REPA "lognormal")
+LOGNORMAL_MEAN, LOGNORMAL_STD = 0.0, 1.0    # official sit_loss.py "lognormal": sigma = exp(N(0, 1))
 MASK_RATIO_STD = 0.25       # MAR: truncated normal of mask ratios centred at 1.0, std 0.25
 
 ARCHS = ("dit", "sit", "mar")
@@ -103,7 +103,7 @@ class GeneratorConfig:
     noise_schedule: str = "cosine"  # App. C.2: cosine for DiT (linear gave very similar results)
     # ---- SiT: Interpolant ----
     path: str = "cosine"            # App. C.2: cosine; official README trains "linear" (see README)
-    t_sampling: str = "uniform"     # "uniform" | "lognormal" (EDM sigma mapped to t)
+    t_sampling: str = "uniform"     # "uniform" | "lognormal" (sigma = exp(N(0, 1)) mapped to t)
     # ---- MAR ----
     dec_width: int = 1280
     dec_depth: int = 20
@@ -508,7 +508,8 @@ class Interpolant:
     def sample_t(self, n, device):
         if self.t_sampling == "uniform":
             return torch.rand(n, device=device)
-        # log-normal EDM sigma = sigma_t / alpha_t, mapped to t of the path (REPA "lognormal")
+        # log-normal sigma = sigma_t / alpha_t, mapped to t of the path (official sit_loss.py):
+        # linear t = sigma / (1 + sigma), cosine t = 2/pi atan(sigma); median t = 0.5 on both
         sigma = torch.exp(LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(n, device=device))
         return sigma / (1 + sigma) if self.path == "linear" else 2 / math.pi * torch.atan(sigma)
 

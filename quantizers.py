@@ -2,7 +2,9 @@
 
     z_q, losses, info = quantizer(z_hat)
 
-z_hat, z_q: (B, L, D) latent tokens (L = num_tokens, D = dim). `losses` is a dict of scalar terms
+z_hat, z_q: (B, L, D) latent tokens (L = num_tokens, D = dim); the KL baseline alone takes
+z_hat = (B, L, 2D), the mean and log-variance (each class says it: `input_factor` = 2, else 1; the
+tokenizer's quant_conv outputs input_factor * D channels). `losses` is a dict of scalar terms
 that are already weighted (sum them into the training loss; it may be empty). `info` is a dict of
 detached scalar diagnostics for logging (codebook usage, perplexity, mean max-probability,
 cos(z_hat, z_q), temperatures).
@@ -14,8 +16,9 @@ Quantizers (paper: "SoftVQ-VAE: Efficient 1-Dimensional Continuous Tokenizer", a
             With product quantization (PQ, Eq. 12), residual quantization (RQ, Eq. 13) and both
             (R-PQ), the variants of Table 5.
   "gmmvq"   GMMVQ, Eq. 11: the same with a data-dependent inverse temperature omega(z_hat).
-  "vq"      plain VQ-VAE baseline (Table 3): nearest code, straight-through, codebook + commit loss.
-  "kl"      diagonal-Gaussian KL-VAE baseline (Table 3).
+  "vq"      plain VQ-VAE baseline (Table 3): nearest code, straight-through, codebook + commit loss;
+            cosine VQ (z_hat and codebook L2-normalised) as the official code, or metric="euclid".
+  "kl"      diagonal-Gaussian KL-VAE baseline (Table 3) on (mean, log-variance) inputs.
   "ae"      identity: a plain auto-encoder (Table 3).
 
 Build one with QUANTIZERS[name](dim, num_tokens, **kwargs); the tokenizer (tokenizer.py) does this
@@ -46,8 +49,10 @@ KL_WEIGHT = 1e-6           # official kl_loss_weight for the KL-VAE baseline
 
 SPLITS = ("tokens", "channels")
 POSTERIORS = ("cosine", "sqeuclid", "euclid")
+VQ_METRICS = ("cosine", "euclid")
 
 EPS = 1e-10                # keeps logs and square roots finite
+ENTROPY_EPS = 1e-6         # official compute_entropy_loss: log(p + 1e-6) in the batch entropy
 OMEGA_MIN = 1e-2           # GMMVQ: floor of the inverse temperature, so omega(z_hat) > 0 always
 LOGVAR_RANGE = (-30.0, 20.0)  # KL: clamp of log-variance (as in the LDM KL-VAE), keeps exp() finite
 
@@ -67,10 +72,10 @@ def _check_number(owner, arg, value, positive=False):
                          f"got {value!r}")
 
 
-def _check_input(z_hat, num_tokens, dim, name):
-    """Raise a clear ValueError unless z_hat has shape (B, num_tokens, dim)."""
-    if z_hat.dim() != 3 or z_hat.shape[1] != num_tokens or z_hat.shape[2] != dim:
-        raise ValueError(f"{name} expects z_hat of shape (B, num_tokens={num_tokens}, dim={dim}), "
+def _check_input(z_hat, num_tokens, width, name):
+    """Raise a clear ValueError unless z_hat has shape (B, num_tokens, width)."""
+    if z_hat.dim() != 3 or z_hat.shape[1] != num_tokens or z_hat.shape[2] != width:
+        raise ValueError(f"{name} expects z_hat of shape (B, num_tokens={num_tokens}, {width}), "
                          f"got {tuple(z_hat.shape)}")
 
 
@@ -119,6 +124,8 @@ class _SoftCodebook(nn.Module):
     has the same shape for any residual_depth and the parameter count does not grow with depth.
     """
 
+    input_factor = 1
+
     def __init__(self, dim, num_tokens, codebook_size, num_codebooks, split, residual_depth,
                  posterior, entropy_weight, entropy_temp):
         super().__init__()
@@ -145,10 +152,13 @@ class _SoftCodebook(nn.Module):
         self.split, self.residual_depth, self.posterior = split, residual_depth, posterior
         self.entropy_weight, self.entropy_temp = float(entropy_weight), float(entropy_temp)
         width = dim if split == "tokens" else dim // num_codebooks
-        # Official init: uniform(-1/K, 1/K).
-        self.embedding = nn.Parameter(
-            torch.empty(num_codebooks, codebook_size, width).uniform_(-1.0 / codebook_size,
-                                                                      1.0 / codebook_size))
+        # Official init: uniform(-1/K, 1/K), then L2-normalised when the codebook is used
+        # normalised (official l2_norm, our cosine posterior). Left at norm ~1/K, the gradient
+        # through F.normalize would be ~K times larger and AdamW would rotate the codewords far
+        # faster than the rest of the model learns.
+        C = torch.empty(num_codebooks, codebook_size, width).uniform_(-1.0 / codebook_size,
+                                                                       1.0 / codebook_size)
+        self.embedding = nn.Parameter(F.normalize(C, dim=-1) if posterior == "cosine" else C)
 
     # ---- grouping (PQ, Eq. 12) ----
     def _split(self, x):
@@ -233,14 +243,16 @@ class _SoftCodebook(nn.Module):
 
         As in the official code it is computed on the raw scores with its own temperature
         (entropy_temp = 0.01, not tau), over the local batch, with the rows of all codebooks
-        (and residual levels) flattened together: (rows, K).
+        (and residual levels) flattened together: (rows, K); H(q) from log_softmax, H(E_batch q)
+        with log(p + 1e-6).
         Minimising it makes each token's assignment confident (low H(q)) while spreading the
         batch over many codewords (high H(E q)), i.e. KL to the uniform prior over K codes.
         """
         logits = torch.cat([s.reshape(-1, self.codebook_size) for s in scores]) / self.entropy_temp
         probs = logits.softmax(dim=-1)
         per_token = -(probs * logits.log_softmax(dim=-1)).sum(-1).mean()  # H(q)
-        batch = _entropy(probs.mean(dim=0))                                 # H(E_batch q)
+        avg = probs.mean(dim=0)
+        batch = -(avg * (avg + ENTROPY_EPS).log()).sum()                    # H(E_batch q)
         return self.entropy_weight * (per_token - batch)
 
     def _rows_per_codebook(self, probs):
@@ -367,35 +379,53 @@ class GMMVQ(_SoftCodebook):
 # Baselines of Table 3
 # =============================================================================================
 class VectorQuantizer(nn.Module):
-    """Plain VQ-VAE: nearest codeword, straight-through gradient, codebook + beta * commit loss."""
+    """Plain VQ-VAE: nearest codeword, straight-through gradient, codebook + beta * commit loss.
 
-    def __init__(self, dim, num_tokens, codebook_size=CODEBOOK_SIZE, beta=VQ_BETA):
+    metric="cosine" (default, the official VQ: codebook_l2_norm): z_hat and the codewords are
+    L2-normalised before the nearest-codeword search, both losses and the straight-through
+    estimator, so z_q is a unit codeword (the codebook is also normalised at init).
+    metric="euclid": the textbook VQ-VAE on the raw vectors.
+    """
+
+    input_factor = 1
+
+    def __init__(self, dim, num_tokens, codebook_size=CODEBOOK_SIZE, beta=VQ_BETA, metric="cosine"):
         super().__init__()
         _check_positive_ints("VectorQuantizer", dim=dim, num_tokens=num_tokens,
                              codebook_size=codebook_size)
         _check_number("VectorQuantizer", "beta", beta)
+        if metric not in VQ_METRICS:
+            raise ValueError(f"VectorQuantizer: metric must be one of {VQ_METRICS}, got {metric!r}")
         self.dim, self.num_tokens, self.codebook_size, self.beta = dim, num_tokens, codebook_size, beta
-        self.embedding = nn.Parameter(
-            torch.empty(codebook_size, dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size))
+        self.metric = metric
+        C = torch.empty(codebook_size, dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        self.embedding = nn.Parameter(F.normalize(C, dim=-1) if metric == "cosine" else C)
+
+    def _project(self, x):
+        """What the search and losses see: unit vectors for the cosine metric, else x."""
+        return F.normalize(x, dim=-1) if self.metric == "cosine" else x
 
     def nearest(self, z_hat):
-        """Index (B, L) of the nearest codeword (squared Euclidean distance) of every token."""
+        """Index (B, L) of the nearest codeword of every token (squared Euclidean distance between
+        the projected vectors; for unit vectors the largest cosine)."""
         dtype = _compute_dtype(z_hat)
         with _autocast_off(z_hat.device):
-            z, C = z_hat.to(dtype), self.embedding.to(dtype)
+            z, C = self._project(z_hat.to(dtype)), self._project(self.embedding.to(dtype))
             d2 = z.pow(2).sum(-1, keepdim=True) - 2.0 * z @ C.t() + C.pow(2).sum(-1)
         return d2.argmin(dim=-1)
 
     def forward(self, z_hat):
         _check_input(z_hat, self.num_tokens, self.dim, "VectorQuantizer")
-        z_hat = z_hat.to(_compute_dtype(z_hat))
-        idx = self.nearest(z_hat)
-        z = self.embedding.to(z_hat.dtype)[idx]
+        dtype = _compute_dtype(z_hat)
+        with _autocast_off(z_hat.device):
+            z_e = self._project(z_hat.to(dtype))
+            idx = self.nearest(z_hat)
+            z = self._project(self.embedding.to(dtype))[idx]
         losses = {
-            "codebook": F.mse_loss(z, z_hat.detach()),            # moves codewords to the encoder
-            "commit": self.beta * F.mse_loss(z_hat, z.detach()),  # keeps the encoder near its code
+            "codebook": F.mse_loss(z, z_e.detach()),            # moves codewords to the encoder
+            "commit": self.beta * F.mse_loss(z_e, z.detach()),  # keeps the encoder near its code
         }
-        z_q = z_hat + (z - z_hat).detach()  # straight-through: forward z, backward identity
+        z_q = z_e + (z - z_e).detach()  # straight-through: forward z, backward identity (to z_e)
         with torch.no_grad():
             idx = idx.flatten()   # codeword counts (scatter_add, unlike bincount, also runs on meta)
             counts = torch.zeros(self.codebook_size, device=idx.device).scatter_add_(
@@ -403,43 +433,44 @@ class VectorQuantizer(nn.Module):
             info = {
                 "usage": (counts > 0).float().mean(),
                 "perplexity": _entropy(counts / counts.sum()).exp(),
-                "cos": _mean_cos(z_hat, z),
+                "cos": _mean_cos(z_e, z),
             }
         return z_q, losses, info
 
 
 class DiagonalGaussian(nn.Module):
-    """KL-VAE baseline: a Linear(D -> 2D) head gives mean and log-variance of each token.
+    """KL-VAE baseline: z_hat (B, L, 2D) holds the mean and log-variance of each token (the
+    official KL model's quant_conv maps the encoder width straight to 2D; no layer in between).
 
     Training mode samples z = mean + std * eps; eval mode returns the mean. The KL to N(0, I) is
     summed over the L x D latent of an image and averaged over the batch (LDM KL-VAE convention,
     which kl_weight = 1e-6 is tuned for).
     """
 
+    input_factor = 2
+
     def __init__(self, dim, num_tokens, kl_weight=KL_WEIGHT):
         super().__init__()
         _check_positive_ints("DiagonalGaussian", dim=dim, num_tokens=num_tokens)
         _check_number("DiagonalGaussian", "kl_weight", kl_weight)
         self.dim, self.num_tokens, self.kl_weight = dim, num_tokens, kl_weight
-        self.moments = nn.Linear(dim, 2 * dim)
 
     def forward(self, z_hat):
-        _check_input(z_hat, self.num_tokens, self.dim, "DiagonalGaussian")
-        dtype = _compute_dtype(z_hat)
+        _check_input(z_hat, self.num_tokens, 2 * self.dim, "DiagonalGaussian")
         with _autocast_off(z_hat.device):
-            z_hat = z_hat.to(dtype)
-            moments = F.linear(z_hat, self.moments.weight.to(dtype), self.moments.bias.to(dtype))
-        mean, logvar = moments.chunk(2, dim=-1)
-        logvar = logvar.clamp(*LOGVAR_RANGE)
-        std = (0.5 * logvar).exp()
-        z_q = mean + std * torch.randn_like(mean) if self.training else mean
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2)).mean()
+            mean, logvar = z_hat.to(_compute_dtype(z_hat)).chunk(2, dim=-1)
+            logvar = logvar.clamp(*LOGVAR_RANGE)
+            std = (0.5 * logvar).exp()
+            z_q = mean + std * torch.randn_like(mean) if self.training else mean
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2)).mean()
         info = {"kl": kl.detach(), "std": std.detach().mean()}
         return z_q, {"kl": self.kl_weight * kl}, info
 
 
 class Identity(nn.Module):
     """Plain auto-encoder: no bottleneck beyond the small latent, no losses."""
+
+    input_factor = 1
 
     def __init__(self, dim, num_tokens):
         super().__init__()

@@ -297,6 +297,7 @@ class TokenizerConfig:
     entropy_weight: float = 0.01    # lambda_4 (Eq. 7) of the Eq. 4 "kl" term
     entropy_temp: float = 0.01      # official: the entropy term's own temperature
     vq_beta: float = 0.25           # VQ baseline commitment weight (Table 3)
+    vq_metric: str = "cosine"       # VQ baseline: "cosine" (official, L2-normalised) or "euclid"
     kl_weight: float = 1e-6         # KL-VAE baseline weight (Table 3)
     # LayerScale gammas of randomly initialised blocks: timm's DINOv2 value 1e-5 (official); a
     # DINOv2-initialised encoder loads its own. The tiny preset, random on both sides, uses 1.0.
@@ -328,7 +329,7 @@ QUANTIZER_ARGS = {
     "gmmvq": (("codebook_size", "codebook_size"), ("num_codebooks", "num_codebooks"),
               ("split", "codebook_split"), ("residual_depth", "residual_depth"),
               ("entropy_weight", "entropy_weight"), ("entropy_temp", "entropy_temp")),
-    "vq": (("codebook_size", "codebook_size"), ("beta", "vq_beta")),
+    "vq": (("codebook_size", "codebook_size"), ("beta", "vq_beta"), ("metric", "vq_metric")),
     "kl": (("kl_weight", "kl_weight"),),
     "ae": (),
 }
@@ -400,7 +401,9 @@ class SoftVQVAE(nn.Module):
             raise ValueError(f"unknown quantizer {config.quantizer!r}; allowed: {sorted(QUANTIZERS)}")
         self.config = config
         self.encoder = Encoder(config)
-        self.quant_conv = nn.Linear(config.enc_width, config.token_dim)
+        # KL: mean and log-variance straight from the encoder width (official), 2D outputs
+        self.quant_conv = nn.Linear(config.enc_width,
+                                    config.token_dim * QUANTIZERS[config.quantizer].input_factor)
         kwargs = {arg: getattr(config, field) for arg, field in QUANTIZER_ARGS[config.quantizer]}
         self.quantize = QUANTIZERS[config.quantizer](config.token_dim, config.num_tokens, **kwargs)
         self.post_quant_conv = nn.Linear(config.token_dim, config.dec_width)

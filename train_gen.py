@@ -17,10 +17,11 @@ Paper Sec. 4 and App. C.2. Two steps:
            --out runs/sit-xl-L-64
 
 Defaults are the paper's recipes (App. C.2), chosen by the model family:
-  DiT / SiT: AdamW (weight decay 0), constant lr 1e-4, global batch 256, EMA 0.9999, 3M steps.
-  MAR:       AdamW (0.9, 0.95) weight decay 0.02, lr 2e-4 (the paper lowered MAR's 8e-4 because of
-             NaNs), global batch 2048, 100-epoch linear warm-up then constant, 500 epochs, grad clip
-             3.0, EMA 0.9999.
+  DiT / SiT: AdamW (weight decay 0), constant lr 1e-4, global batch 256, EMA 0.9999, 3M steps;
+             SiT clips the gradient norm at 1.0 (official train_sit.py), DiT does not (train_dit.py).
+  MAR:       AdamW (0.9, 0.95) weight decay 0.02 (none on 1-D parameters, biases and the diffusion
+             head, as MAR's code), lr 2e-4 (the paper lowered MAR's 8e-4 because of NaNs), global
+             batch 2048, 100-epoch linear warm-up then constant, 500 epochs, grad clip 3.0, EMA 0.9999.
 bf16 autocast on accelerators; class dropout 0.1 lives inside the generator. Batch sizes are
 global. Exact resume: `--resume` continues from <out>/ckpt.pt (model, EMA, optimizer, step, every
 rank's RNG state); the data order is a pure function of (seed, step).
@@ -57,11 +58,12 @@ import training
 
 # ---- paper recipes (App. C.2), by model family ----
 RECIPES = {
-    # DiT / SiT: "the original setup": AdamW, no weight decay, constant lr 1e-4, batch 256, 3M steps
+    # DiT / SiT: "the original setup": AdamW, no weight decay, constant lr 1e-4, batch 256, 3M steps;
+    # the official train_sit.py clips at max_grad_norm 1.0, train_dit.py does not clip
     "dit": dict(lr=1e-4, batch_size=256, weight_decay=0.0, betas=(0.9, 0.999), warmup_epochs=0,
                 grad_clip=0.0, steps=3_000_000, epochs=None, ema=0.9999),
     "sit": dict(lr=1e-4, batch_size=256, weight_decay=0.0, betas=(0.9, 0.999), warmup_epochs=0,
-                grad_clip=0.0, steps=3_000_000, epochs=None, ema=0.9999),
+                grad_clip=1.0, steps=3_000_000, epochs=None, ema=0.9999),
     # MAR-H: AdamW (0.9, 0.95), wd 0.02, batch 2048, max lr 2e-4, 100-epoch warm-up, 500 epochs;
     # grad clip 3.0 and EMA 0.9999 as the MAR code
     "mar": dict(lr=2e-4, batch_size=2048, weight_decay=0.02, betas=(0.9, 0.95), warmup_epochs=100,
@@ -94,6 +96,18 @@ def resolve(args):
     cfg.update({k: v for k, v in vars(args).items() if v is not None or k not in cfg})
     cfg["betas"] = [float(b) for b in cfg["betas"]]
     return argparse.Namespace(**cfg)
+
+
+def param_groups(model, weight_decay):
+    """AdamW parameter groups. MAR (MAR's add_weight_decay): no weight decay on 1-D parameters
+    (norms), biases and the whole diffusion head (MAR's `diffloss`, our `head`), `weight_decay` on
+    the rest. DiT / SiT (their official code): one group, every parameter (weight decay 0 there)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if model.config.arch != "mar":
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    exempt = {n for n, p in params if p.ndim == 1 or n.endswith(".bias") or n.startswith("head.")}
+    return [{"params": [p for n, p in params if n in exempt], "weight_decay": 0.0},
+            {"params": [p for n, p in params if n not in exempt], "weight_decay": weight_decay}]
 
 
 def load_any_tokenizer(path):
@@ -293,8 +307,7 @@ def train(args, rank, world_size, device):
     torch.manual_seed(args.seed)    # same initial weights on every rank
     model = generators.make_generator(args.model, num_tokens, token_dim, num_classes=num_classes).to(device)
     ema = training.EMA(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
-                            weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
     settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS}
     guard = training.NanGuard()
     step = 0
@@ -373,7 +386,7 @@ def train(args, rank, world_size, device):
             loss = ddp_model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        # MAR clips at 3.0; DiT / SiT do not clip (the norm is still computed for the NaN guard)
+        # MAR clips at 3.0, SiT at 1.0; DiT does not clip (the norm is still computed for the NaN guard)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         if guard.ok(loss, grad_norm):
             opt.step()
@@ -432,7 +445,7 @@ if __name__ == "__main__":
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (DiT/SiT 0, MAR 0.02)")
     p.add_argument("--betas", type=float, nargs=2, help="AdamW betas (DiT/SiT 0.9 0.999, MAR 0.9 0.95)")
     p.add_argument("--warmup-epochs", type=int, help="linear lr warm-up (MAR 100, DiT/SiT 0)")
-    p.add_argument("--grad-clip", type=float, help="gradient-norm clip, 0 = off (MAR 3.0)")
+    p.add_argument("--grad-clip", type=float, help="gradient-norm clip, 0 = off (SiT 1.0, MAR 3.0, DiT off)")
     p.add_argument("--ema", type=float, help="EMA decay (0.9999)")
     p.add_argument("--log-every", type=int)
     p.add_argument("--ckpt-every", type=int)

@@ -6,7 +6,8 @@
   * LPIPS (VGG16, `lpips` package), weight warmed up linearly over 10K steps (App. C.1).
   * L_adv: hinge loss against a frozen DINO ViT-S/16 discriminator with trainable heads on the
     patch embedding and blocks 2, 5, 8, 11; DiffAugment, consistency regularisation (4.0) and LeCAM
-    (0.001) for the discriminator; it starts at step 20K (App. C.1, as VAR [99]); no adaptive weight.
+    (0.001) for the discriminator; it starts at step 20K (App. C.1, as VAR [99]); VQGAN's adaptive
+    weight only with --disc-adaptive-weight (off, as the official config).
   * L_align (Sec. 3.3, Eq. 5-6): each latent token, repeated N/L times, is mapped by an MLP
     projector onto the patch tokens of a frozen teacher (DINOv2 ViT-L by default; --teacher picks
     DINOv2-S/B, CLIP-B/16, EVA-02-CLIP-B/16 as in Table 4, or a ViT saved by this project);
@@ -62,12 +63,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DISC_SIZE = 224                           # official discriminator resizes every input to 224x224
 DISC_BLOCKS = (2, 5, 8, 11)               # DINO ViT-S/16 blocks tapped (plus the patch embedding)
 DISC_KERNEL = 9                           # heads: residual Conv1d over the token sequence (VAR)
-DISC_VIRTUAL_BATCH = 8                    # heads' BatchNorm statistics over groups of 8 images (VAR)
 LEAKY_SLOPE = 0.2
 LECAM_DECAY = 0.999                       # EMA of the mean real / fake logits for LeCAM [101]
-ADV_AUG = (0.2, 0.5)                      # DiffAugment for the hinge terms: cutout ratio, prob per op
+ADV_AUG = (0.2, 0.5)                      # DiffAugment for the hinge terms: cutout ratio, prob per entry
 CR_AUG = (0.5, 1.0)                       # DiffAugment for consistency regularisation [119]
 TRANSLATE_RATIO = 0.125                   # DiffAugment translation: up to 1/8 of the image
+ADAPTIVE_EPS, ADAPTIVE_MAX = 1e-4, 1e4    # VQGAN adaptive weight: denominator offset, clamp
 VIT_SIZE_OF_WIDTH = {384: "s", 768: "b", 1024: "l"}   # encoder width -> DINOv2 file for --encoder-init
 VGG_FILE = "vgg16-397923af.pth"
 DINO_FILE = "dino_deitsmall16_pretrain.pth"
@@ -123,18 +124,17 @@ def imagenet_normalize(x):
 
 def diff_augment(x, cutout_ratio, prob):
     """DiffAugment (Zhao et al. 2020) 'color,translation,cutout' on images in [-1, 1], as the
-    official code calls it: each of the five ops (brightness, saturation, contrast, translation,
-    cutout) is applied to the whole batch with probability `prob`, with per-image random strength.
-    Differentiable w.r.t. x. Coin flips use the CPU generator (no device sync)."""
+    official code calls it: one coin per policy entry, so each of the three entries is applied to
+    the whole batch with probability `prob`; `color` is one entry (brightness, saturation and
+    contrast together). Per-image random strengths. Differentiable w.r.t. x. Coin flips use the
+    CPU generator (no device sync)."""
     B, _, H, W = x.shape
     dev = x.device
-    if torch.rand(()) < prob:                                     # brightness: + U(-0.5, 0.5)
-        x = x + (torch.rand(B, 1, 1, 1, device=dev) - 0.5)
-    if torch.rand(()) < prob:                                     # saturation: x U(0, 2) around grey
-        m = x.mean(1, keepdim=True)
+    if torch.rand(()) < prob:                                     # color:
+        x = x + (torch.rand(B, 1, 1, 1, device=dev) - 0.5)        #   brightness + U(-0.5, 0.5)
+        m = x.mean(1, keepdim=True)                               #   saturation x U(0, 2) around grey
         x = (x - m) * (torch.rand(B, 1, 1, 1, device=dev) * 2) + m
-    if torch.rand(()) < prob:                                     # contrast: x U(0.5, 1.5) around mean
-        m = x.mean((1, 2, 3), keepdim=True)
+        m = x.mean((1, 2, 3), keepdim=True)                       #   contrast x U(0.5, 1.5) around mean
         x = (x - m) * (torch.rand(B, 1, 1, 1, device=dev) + 0.5) + m
     b = torch.arange(B, device=dev).view(B, 1, 1)
     if torch.rand(()) < prob:                                     # translation, zero padded
@@ -156,19 +156,38 @@ def diff_augment(x, cutout_ratio, prob):
     return x.contiguous()
 
 
-def bn_groups(batch):
-    """Number of equal BatchNorm groups for `batch` images: about one per DISC_VIRTUAL_BATCH."""
-    groups = math.ceil(batch / DISC_VIRTUAL_BATCH)
-    while batch % groups:                    # equal groups: the next divisor of the batch
-        groups += 1
-    return groups
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is again the sum over ranks: every rank's loss depends on the
+    global statistics, so each rank's input receives the gradients of all ranks' losses (what
+    SyncBatchNorm does internally). Works on any backend that can all-reduce (gloo on CPUs)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
 
 
-class BatchNormLocal(nn.Module):
-    """Discriminator-head BatchNorm (VAR's 'bn'): per channel over (images, tokens) within each of
-    `groups` equal slices of the batch, batch statistics only (no running averages), so the
-    statistics depend neither on the number of GPUs nor on what else shares the call.
-    Input (B, C, N)."""
+def global_sum(x):
+    """x summed over all ranks (differentiable); x itself without a process group or with one rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _AllReduceSum.apply(x)
+    return x
+
+
+class BatchNormSync(nn.Module):
+    """Discriminator-head BatchNorm as the official DinoDiscriminator's default norm_type='sbn'
+    (SyncBatchNorm): per channel over (images, tokens) of every rank's images of one view (one
+    official discriminator call), batch statistics only, biased variance. The input holds `views`
+    equal batches (real, fake, ... concatenated); each gets its own statistics, as separate calls
+    would. nn.SyncBatchNorm refuses CPU tensors, so the sums are all-reduced here (global_sum):
+    the same statistics on gloo and NCCL, and on one process the local batch's. Input (B, C, N)."""
 
     def __init__(self, channels, eps=1e-6):
         super().__init__()
@@ -176,11 +195,16 @@ class BatchNormLocal(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x, groups):
+    def forward(self, x, views):
         B, C, N = x.shape
-        g = x.float().view(groups, B // groups, C, N)
-        mean = g.mean((1, 3), keepdim=True)
-        var = g.var((1, 3), keepdim=True, unbiased=False)
+        g = x.float().view(views, B // views, C, N)
+        # two passes (mean, then centred squares) over the global batch: no E[x^2] - E[x]^2
+        # cancellation; the element count travels with the sums
+        count = g.new_full((views, 1), g.shape[1] * N)
+        sums = global_sum(torch.cat([g.sum((1, 3)), count], dim=1))          # (views, C + 1)
+        total = sums[:, C:]
+        mean = (sums[:, :C] / total)[:, None, :, None]
+        var = (global_sum((g - mean).square().sum((1, 3))) / total)[:, None, :, None]
         g = (g - mean) * torch.rsqrt(var + self.eps)
         return (g.view(B, C, N) * self.weight[:, None] + self.bias[:, None]).to(x.dtype)
 
@@ -197,13 +221,13 @@ class DiscHead(nn.Module):
 
     def __init__(self, width):
         super().__init__()
-        self.conv_in, self.bn_in = sn_conv(width, width, 1), BatchNormLocal(width)
-        self.conv_res, self.bn_res = sn_conv(width, width, DISC_KERNEL), BatchNormLocal(width)
+        self.conv_in, self.bn_in = sn_conv(width, width, 1), BatchNormSync(width)
+        self.conv_res, self.bn_res = sn_conv(width, width, DISC_KERNEL), BatchNormSync(width)
         self.conv_out = sn_conv(width, 1, 1)
 
-    def forward(self, x, groups):
-        x = F.leaky_relu(self.bn_in(self.conv_in(x), groups), LEAKY_SLOPE)
-        x = (x + F.leaky_relu(self.bn_res(self.conv_res(x), groups), LEAKY_SLOPE)) / math.sqrt(2)
+    def forward(self, x, views):
+        x = F.leaky_relu(self.bn_in(self.conv_in(x), views), LEAKY_SLOPE)
+        x = (x + F.leaky_relu(self.bn_res(self.conv_res(x), views), LEAKY_SLOPE)) / math.sqrt(2)
         return self.conv_out(x)
 
 
@@ -252,9 +276,8 @@ class DinoDiscriminator(nn.Module):
         """Heads on features of `views` equal-size views -> (sum of B, 5N) logits. The heads run in
         fp32 even under bf16 autocast: spectral norm's power iteration (a matrix-vector product that
         CUDA autocast would do in bf16) estimates sigma, and the heads are small."""
-        groups = views * bn_groups(feats[0].shape[0] // views)       # BatchNorm statistics per view
         with torch.autocast(device_type=feats[0].device.type, enabled=False):
-            return torch.cat([head(f.float(), groups).flatten(1) for head, f in zip(self.heads, feats)], dim=1)
+            return torch.cat([head(f.float(), views).flatten(1) for head, f in zip(self.heads, feats)], dim=1)
 
     def forward(self, x):
         return self.heads_logits(self.features([x]), 1)
@@ -302,6 +325,17 @@ def make_teacher(kind, path, image_size, patch_size, stand_in=None):
     return Teacher(vit, mean, std)
 
 
+def adaptive_weight(rec_loss, adv_loss, last_layer):
+    """VQGAN's adaptive weight (Esser et al. 2021, Eq. 7), the official --disc-adaptive-weight:
+    lambda = ||grad_w L_rec|| / (||grad_w L_adv|| + 1e-4) at the decoder's last layer w (the pixel
+    head), clamped to [0, 1e4] and detached, so the adversarial gradient reaching the decoder is
+    scaled to the reconstruction's. L_rec is the pixel loss plus the weighted LPIPS, as official;
+    computed per rank on its local batch."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + ADAPTIVE_EPS)).clamp(0.0, ADAPTIVE_MAX).detach()
+
+
 def make_projector(token_dim, hidden, out_dim):
     """Sec. 3.3 / Eq. 6: MLP D -> hidden -> hidden -> teacher width with SiLU (as REPA)."""
     return nn.Sequential(nn.Linear(token_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
@@ -327,7 +361,11 @@ class LPIPS(nn.Module):
     """LPIPS-VGG (the `lpips` package, v0.1 linear heads shipped with it). The VGG16 trunk is read
     from `vgg_path` here and never downloaded; vgg_path=None keeps a randomly initialised trunk (tests,
     benchmark). Same value as lpips.LPIPS(net='vgg')(rec, target).mean(); the target's features are
-    computed without autograd (no gradient is needed there)."""
+    computed without autograd (no gradient is needed there).
+    Training mode switches on the dropout (p = 0.5) in front of each linear head, as the official
+    loss module's .train() does (its LPIPS is built with use_dropout=True): an unbiased but noisy
+    estimate of the same distance. The VGG trunk has no dropout or BatchNorm, so eval mode gives
+    exactly the package's value."""
 
     def __init__(self, vgg_path=None):
         super().__init__()
@@ -353,11 +391,9 @@ class LPIPS(nn.Module):
                 conv.weight.data.copy_(state[f"{name}.weight"])
                 conv.bias.data.copy_(state[f"{name}.bias"])
         # channels-last: the layout oneDNN / cuDNN convolutions run fastest in (same values)
-        self.lp = lp.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        self.lp = lp.requires_grad_(False).to(memory_format=torch.channels_last)
         self.normalize = lpips.normalize_tensor
-
-    def train(self, mode=True):
-        return super().train(False)
+        self.eval()                            # built in eval mode; train_tok switches it to train
 
     def features(self, x):
         x = self.lp.scaling_layer(x).contiguous(memory_format=torch.channels_last)
@@ -560,7 +596,13 @@ def run(args, rank, world, device):
                         loss = loss + args.align_weight * parts["align"]
                     if disc_on:                                   # hinge generator loss on augmented recon
                         parts["adv"] = -disc(diff_augment(x_rec, *ADV_AUG)).float().mean()
-                        loss = loss + args.disc_weight * parts["adv"]
+                        adv_w = args.disc_weight
+                        if args.disc_adaptive_weight:
+                            parts["adv_lambda"] = adaptive_weight(
+                                parts["recon"] + lpips_w * parts.get("lpips", 0.0), parts["adv"],
+                                tok.decoder.to_pixel.weight)
+                            adv_w = adv_w * parts["adv_lambda"]
+                        loss = loss + adv_w * parts["adv"]
                 (loss * (xm.shape[0] / x.shape[0])).backward()
             recs.append(x_rec.detach())
             for k, v in {**parts, "loss": loss, **{f"q_{k}": v for k, v in info.items()}}.items():
@@ -814,6 +856,9 @@ if __name__ == "__main__":
     p.add_argument("--lpips-warmup", type=int, default=None, help="LPIPS warm-up" + both("lpips_warmup"))
     p.add_argument("--disc-weight", type=float, default=0.2, help="lambda_2, adversarial")
     p.add_argument("--disc-start", type=int, default=None, help="discriminator start" + both("disc_start"))
+    p.add_argument("--disc-adaptive-weight", action="store_true",
+                   help="scale the adversarial term by VQGAN's adaptive weight at the decoder's last "
+                        "layer (official option, off by default as in the official config)")
     p.add_argument("--cr-weight", type=float, default=4.0, help="consistency regularisation")
     p.add_argument("--lecam-weight", type=float, default=0.001, help="LeCAM regularisation")
     p.add_argument("--align-weight", type=float, default=0.1, help="lambda_3, representation alignment")

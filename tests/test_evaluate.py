@@ -58,15 +58,35 @@ def test_feature_stats_match_numpy_and_fid_matches_torch_fidelity():
 def test_inception_score_one_hot_and_torch_fidelity():
     from torch_fidelity.metric_isc import isc_features_to_metric
     C = 7
-    labels = torch.arange(C * E.IS_SPLITS * 3) % C  # every split holds every class equally often
+    labels = torch.arange(C * 30) % C  # every split of 3 C samples holds every class equally often
     logits = torch.nn.functional.one_hot(labels, C).double() * 60.0  # softmax ~ one-hot
-    mean, std = E.inception_score(logits)
+    mean, std = E.inception_score(logits, split_size=3 * C)
     assert abs(mean - C) < 1e-9 and std < 1e-9
     # constant predictions: p(y|x) = p(y), KL = 0, IS = 1
     assert abs(E.inception_score(torch.zeros(50, C))[0] - 1.0) < 1e-12
+    # 230 samples in splits of 23 = torch-fidelity's 10 equal splits
     random_logits = torch.randn(230, 20, generator=torch.Generator().manual_seed(0)) * 3
     ref = isc_features_to_metric(random_logits, splits=10, shuffle=False)
-    assert abs(E.inception_score(random_logits)[0] - ref["inception_score_mean"]) < 1e-9
+    assert abs(E.inception_score(random_logits, split_size=23)[0] - ref["inception_score_mean"]) < 1e-9
+    with pytest.raises(ValueError, match="split_size"):
+        E.inception_score(random_logits, split_size=0)
+
+
+def test_inception_score_splits_of_5000_as_the_adm_evaluator():
+    """ADM's compute_inception_score: consecutive chunks of 5000, so N = 10,000 gives 2 splits
+    (not 10) and N = 12,000 a third, shorter one."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12000, 6, generator=g) * torch.linspace(0.5, 4.0, 12000)[:, None]
+
+    def split_score(part):
+        p = part.double().softmax(1)
+        return float((p * (p.log() - p.mean(0).log())).sum(1).mean().exp())
+
+    for n, bounds in ((10000, (0, 5000, 10000)), (12000, (0, 5000, 10000, 12000))):
+        scores = [split_score(logits[a:b]) for a, b in zip(bounds, bounds[1:])]
+        mean, std = E.inception_score(logits[:n])
+        assert abs(mean - np.mean(scores)) < 1e-9 and abs(std - np.std(scores)) < 1e-9
+    assert E.IS_SPLIT_SIZE == 5000
 
 
 # ---- precision / recall ----
@@ -83,6 +103,20 @@ def test_precision_recall_blocks_and_torch_fidelity():
     p_tf, r_tf = calculate_precision_recall_full(fake.double(), real.double(), neighborhood=3)
     assert 0.05 < p < 0.95 and 0.05 < r < 0.95
     assert abs(p - p_tf) <= 1 / 250 and abs(r - r_tf) <= 1 / 300  # at most one borderline point
+
+
+def test_precision_recall_when_the_last_block_holds_at_most_k_rows():
+    """N mod block size in {1, 2, 3} (N = 10,001 at the ADM block size of 10,000; here blocks of
+    64): the last block has <= k rows; radii and P/R equal the one-block computation."""
+    g = torch.Generator().manual_seed(0)
+    for n in (65, 66, 67):
+        real, fake = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g) + 0.5
+        radii = E.manifold_radii(real, batch_size=64)
+        full = E._sq_dists(real, real).sort(dim=1).values[:, E.PR_K]   # k-th neighbour, self excluded
+        assert torch.allclose(radii, full)
+        assert E.precision_recall(real, fake, batch_size=64) == E.precision_recall(real, fake, batch_size=256)
+    with pytest.raises(ValueError, match="more than k = 3"):
+        E.manifold_radii(torch.randn(3, 8))
 
 
 # ---- PSNR / SSIM ----

@@ -222,6 +222,21 @@ def test_score_from_velocity_is_exact():
                                        atol=1e-4, rtol=1e-4)
 
 
+def test_lognormal_t_is_the_official_exp_standard_normal():
+    """Official sit_loss.py "lognormal": sigma = exp(N(0, 1)), t = sigma / (1 + sigma) on the
+    linear path and 2/pi atan(sigma) on the cosine path, so the median t is 0.5 on both and
+    log(sigma_t / alpha_t) is standard normal."""
+    torch.manual_seed(0)
+    for path in ("linear", "cosine"):
+        interpolant = G.Interpolant(path, t_sampling="lognormal")
+        t = interpolant.sample_t(20000, "cpu")
+        assert (t > 0).all() and (t < 1).all()
+        assert abs(t.median().item() - 0.5) < 0.02
+        alpha, sigma, _, _ = interpolant.coefficients(t)
+        log_snr = (sigma / alpha).log()
+        assert abs(log_snr.mean().item()) < 0.03 and abs(log_snr.std().item() - 1.0) < 0.03
+
+
 def test_conditional_sampling_follows_class():
     """With the exact class-conditional model, class 0 samples land in cluster 0."""
     interpolant = G.Interpolant("cosine")

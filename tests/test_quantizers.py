@@ -33,6 +33,7 @@ ALL = [
     ("gmmvq", dict(codebook_size=K, num_codebooks=2)),
     ("gmmvq", dict(codebook_size=K, num_codebooks=3, split="channels", residual_depth=2)),
     ("vq", dict(codebook_size=K)),
+    ("vq", dict(codebook_size=K, metric="euclid")),
     ("kl", dict()),
     ("ae", dict()),
 ]
@@ -42,7 +43,7 @@ ALL = [
 def test_shapes_losses_gradients(name, kwargs):
     torch.manual_seed(0)
     q = QUANTIZERS[name](D, L, **kwargs)
-    z_hat = _z()
+    z_hat = _z(d=q.input_factor * D)          # KL: mean and log-variance
     z_q, losses, info = q(z_hat)
     assert z_q.shape == (B, L, D)
     assert torch.isfinite(z_q).all()
@@ -149,32 +150,56 @@ def test_residual_levels_add_up():
     assert (z_hat - z_q).norm() < (z_hat - one(z_hat)[0]).norm()
 
 
-def test_vq_straight_through_and_losses():
-    q = _spread_codebook(VectorQuantizer(D, L, codebook_size=K))
+@pytest.mark.parametrize("metric", ["cosine", "euclid"])
+def test_vq_straight_through_and_losses(metric):
+    q = _spread_codebook(VectorQuantizer(D, L, codebook_size=K, metric=metric))
     z_hat = _z()
     z_q, losses, _ = q(z_hat)
+    # cosine VQ (official l2_norm): search, output and losses on unit vectors
+    z_e = F.normalize(z_hat, dim=-1) if metric == "cosine" else z_hat
+    C = F.normalize(q.embedding, dim=-1) if metric == "cosine" else q.embedding
     idx = q.nearest(z_hat)
-    assert torch.equal(idx, torch.cdist(z_hat, q.embedding.expand(B, K, D)).argmin(-1))
-    assert torch.allclose(z_q, q.embedding[idx], atol=1e-6)  # forward: the nearest codeword
+    assert torch.equal(idx, torch.cdist(z_e, C.expand(B, K, D)).argmin(-1))
+    assert torch.allclose(z_q, C[idx], atol=1e-6)  # forward: the nearest codeword
     g = torch.randn(B, L, D)
     (grad,) = torch.autograd.grad(z_q, z_hat, g, retain_graph=True)
-    assert torch.allclose(grad, g)  # d z_q / d z_hat = identity
-    mse = F.mse_loss(z_hat, q.embedding[idx])
+    (expected,) = torch.autograd.grad(z_e, z_hat, g, retain_graph=True)
+    assert torch.allclose(grad, expected)  # d z_q / d z_e = identity (straight-through)
+    mse = F.mse_loss(z_e, C[idx])
     assert torch.allclose(losses["codebook"], mse) and torch.allclose(losses["commit"], 0.25 * mse)
+
+
+def test_vq_default_is_cosine_with_unit_codebook():
+    """Official VQ (codebook_l2_norm): cosine metric, codebook L2-normalised at init. On inputs of
+    very different norms the cosine and Euclidean searches pick different codewords."""
+    q = VectorQuantizer(D, L, codebook_size=K)
+    assert q.metric == "cosine"
+    assert torch.allclose(q.embedding.norm(dim=-1), torch.ones(K), atol=1e-6)
+    z_hat = _z().detach() * torch.linspace(0.01, 10.0, L).view(1, L, 1)
+    z_q = q(z_hat)[0]
+    assert torch.allclose(z_q.norm(dim=-1), torch.ones(B, L), atol=1e-5)
+    eu = VectorQuantizer(D, L, codebook_size=K, metric="euclid")
+    assert eu.embedding.abs().max() <= 1 / K                  # raw uniform(-1/K, 1/K) init
+    _spread_codebook(q)                                       # codewords of different norms
+    eu.load_state_dict(q.state_dict())
+    assert not torch.equal(eu.nearest(z_hat), q.nearest(z_hat))
 
 
 def test_kl_samples_in_train_and_uses_mean_in_eval():
     q = DiagonalGaussian(D, L, kl_weight=1.0)
-    z_hat = _z().detach()
+    assert q.input_factor == 2 and not list(q.parameters())   # moments come from quant_conv
+    moments = torch.randn(B, L, 2 * D, generator=torch.Generator().manual_seed(0))
     q.train()
-    assert not torch.allclose(q(z_hat)[0], q(z_hat)[0])
+    assert not torch.allclose(q(moments)[0], q(moments)[0])
     q.eval()
-    a, losses, info = q(z_hat)
-    assert torch.equal(a, q(z_hat)[0])
-    mean, logvar = q.moments(z_hat).chunk(2, dim=-1)
-    assert torch.allclose(a, mean, atol=1e-6)
+    a, losses, info = q(moments)
+    assert torch.equal(a, q(moments)[0])
+    mean, logvar = moments.chunk(2, dim=-1)
+    assert torch.equal(a, mean)
     kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum((1, 2)).mean()
     assert torch.allclose(losses["kl"], kl, atol=1e-5) and losses["kl"] > 0
+    with pytest.raises(ValueError, match="12"):               # (B, L, D) is not (B, L, 2D)
+        q(moments[..., :D])
 
 
 def test_gmmvq_temperatures_positive_and_data_dependent():
@@ -216,8 +241,38 @@ def test_entropy_loss_rewards_confident_and_diverse_assignments():
 def test_default_matches_official_layout():
     q = SoftVQ(32, 64)
     assert q.embedding.shape == (4, 8192, 32) and q.tau == 0.07 and q.posterior == "cosine"
-    assert q.embedding.abs().max() <= 1 / 8192
     assert [n for n, _ in q.named_parameters()] == ["embedding"]
+
+
+def test_codebook_init_is_normalised_for_the_cosine_posterior():
+    """Official softvq.py: uniform(-1/K, 1/K), then L2-normalised at init (l2_norm). Only the
+    posterior that normalises the codebook gets it; the Euclidean forms (and GMMVQ) keep the raw
+    uniform init."""
+    torch.manual_seed(0)
+    q = SoftVQ(32, 64)
+    assert torch.allclose(q.embedding.norm(dim=-1), torch.ones(4, 8192), atol=1e-5)
+    assert q.embedding.std() > 0.1                           # directions still random, not equal
+    for raw in (SoftVQ(D, L, codebook_size=K, posterior="sqeuclid"),
+                SoftVQ(D, L, codebook_size=K, posterior="euclid"), GMMVQ(D, L, codebook_size=K)):
+        assert raw.embedding.abs().max() <= 1 / K
+
+
+def test_entropy_term_matches_hand_computation_with_official_offset():
+    """H(q) - H(E_batch q) on scores / 0.01 with log(p + 1e-6) in the batch entropy (official
+    compute_entropy_loss), in float64: a 1e-10 clamp instead would differ by ~1e-5 here."""
+    q = _spread_codebook(SoftVQ(D, L, codebook_size=K, num_codebooks=2, entropy_weight=1.0))
+    z_hat = _z().detach().double()
+    _, _, scores = q.residual_assign(z_hat)
+    logits = scores[0].reshape(-1, K) / 0.01
+    p = logits.softmax(-1)
+    per_token = -(p * logits.log_softmax(-1)).sum(-1).mean()
+    avg = p.mean(0)
+    hand = per_token - (-(avg * torch.log(avg + 1e-6)).sum())
+    loss = q(z_hat)[1]["entropy"]
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - hand.item()) < 1e-12
+    clamped = per_token - (-(avg * avg.clamp_min(1e-10).log()).sum())
+    assert abs(clamped.item() - hand.item()) > 1e-6          # the offset is visible at this tolerance
 
 
 def test_bfloat16_autocast_computes_in_float32():
@@ -240,6 +295,7 @@ def test_bfloat16_autocast_computes_in_float32():
     lambda: SoftVQ(D, L, entropy_temp=0),
     lambda: GMMVQ(D, L, num_codebooks=5),
     lambda: VectorQuantizer(D, L, beta=-1.0),
+    lambda: VectorQuantizer(D, L, metric="dot"),
     lambda: DiagonalGaussian(D, L, kl_weight=-1.0),
 ])
 def test_bad_arguments_raise(make):
@@ -259,6 +315,7 @@ def test_error_messages_name_allowed_values():
 @pytest.mark.parametrize("name", list(QUANTIZERS))
 def test_wrong_input_shape_raises(name):
     q = QUANTIZERS[name](D, L, **({"codebook_size": K} if name in ("softvq", "gmmvq", "vq") else {}))
-    for bad in (torch.randn(B, L + 1, D), torch.randn(B, L, D + 1), torch.randn(L, D)):
+    W = q.input_factor * D
+    for bad in (torch.randn(B, L + 1, W), torch.randn(B, L, W + 1), torch.randn(L, W)):
         with pytest.raises(ValueError, match="num_tokens"):
             q(bad)

@@ -55,6 +55,20 @@ def test_every_quantizer_through_the_tokenizer(quantizer):
     assert torch.isfinite(x_rec).all()
 
 
+def test_kl_quant_conv_gives_mean_and_log_variance_directly():
+    """Official KL model: quant_conv = Linear(width -> 2D) and nothing between it and the
+    Gaussian, so mean and log-variance are not confined to a rank-D subspace."""
+    model = make_tokenizer("tiny", quantizer="kl").eval()
+    D = model.config.token_dim
+    assert model.quant_conv.out_features == 2 * D and not list(model.quantize.parameters())
+    x = tiny_images()
+    moments = model.quant_conv(model.encoder(x))
+    assert torch.equal(model.encode(x), moments[..., :D])     # eval: z_q = the mean
+    rank = torch.linalg.matrix_rank(model.quant_conv.weight.detach())
+    assert rank > D                                           # Linear(D -> 2D) after D would cap it
+    assert make_tokenizer("tiny", quantizer="vq").quant_conv.out_features == D
+
+
 def test_z_q_keeps_its_gradient():
     torch.manual_seed(0)
     model = make_tokenizer("tiny")

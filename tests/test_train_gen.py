@@ -177,3 +177,37 @@ def test_two_process_torchrun_cache_and_train(cached, tmp_path):
     ckpt = load_state(tmp_path / "mar" / "ckpt.pt")
     assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2 and ckpt["config"]["arch"] == "mar"
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
+    assert [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]] == [0.0, 0.02]  # MAR's rule
+
+
+def test_mar_weight_decay_exempts_1d_biases_and_the_diffusion_head():
+    """MAR's add_weight_decay: 1-D parameters, biases and everything of the diffusion head get no
+    weight decay; every other parameter (also the 3-D mask token / position embeddings and the
+    class embedding) gets it. DiT / SiT: one group of all parameters, as their official code."""
+    torch.manual_seed(0)
+    model = generators.make_generator("MAR-tiny", TOKENS, DIM, num_classes=10)
+    no_decay, decay = train_gen.param_groups(model, 0.02)
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert exempt | decayed == set(names.values()) and not exempt & decayed
+    assert {n for n in names.values() if n.startswith("head.")} <= exempt      # MAR's diffloss
+    assert "encoder_blocks.0.attn.qkv.bias" in exempt and "encoder_norm.weight" in exempt
+    assert {"encoder_blocks.0.attn.qkv.weight", "mask_token", "encoder_pos_embed_learned",
+            "class_emb.weight", "z_proj.weight"} <= decayed
+    assert all(n.startswith("head.") or (p.ndim == 1 or n.endswith(".bias")) == (n in exempt)
+               for n, p in model.named_parameters())
+    sit = generators.make_generator("SiT-tiny", TOKENS, DIM, num_classes=10)
+    (only,) = train_gen.param_groups(sit, 0.0)
+    assert len(only["params"]) == len(list(sit.parameters()))
+
+
+def test_recipes_clip_sit_at_one_and_not_dit():
+    """Official train_sit.py clips the gradient norm at 1.0 (max_grad_norm), train_dit.py does not;
+    MAR clips at 3.0."""
+    import argparse
+    clip = {m: train_gen.resolve(argparse.Namespace(preset=None, model=m, grad_clip=None)).grad_clip
+            for m in ("SiT-XL", "DiT-XL", "MAR-H")}
+    assert clip == {"SiT-XL": 1.0, "DiT-XL": 0.0, "MAR-H": 3.0}
+    assert train_gen.resolve(argparse.Namespace(preset=None, model="SiT-XL", grad_clip=0.0)).grad_clip == 0.0

@@ -55,6 +55,7 @@ def test_resume_is_bit_identical(tmp_path):
     straight, resumed = read_log(tmp_path / "straight" / "log.jsonl"), read_log(tmp_path / "killed" / "log.jsonl")
     assert straight == resumed and len(straight) == 4
     assert {"recon", "lpips", "align", "adv", "entropy", "d_cr", "d_lecam", "d_hinge"} <= set(straight[-1])
+    assert "adv_lambda" not in straight[-1]                   # adaptive weight off by default
     a, b = (training.load_checkpoint(str(tmp_path / n / "ckpt.pt")) for n in ("straight", "killed"))
     for key in ("model", "ema", "projector", "disc_heads"):
         assert a[key].keys() == b[key].keys()
@@ -96,12 +97,16 @@ def test_full_preset_refuses_without_files(tmp_path):
 
 def test_bf16_autocast_path_runs_on_cpu(tmp_path):
     """The GPU recipe trains under bf16 autocast; forcing it on the CPU runs the same code path
-    (every loss term, both optimisers) and must give finite losses and weights."""
-    _, out, _ = run(FAST + ["--iters", "2", "--name", "bf16", "--precision", "bf16"], tmp_path)
+    (every loss term, both optimisers, and the optional adaptive adversarial weight) and must give
+    finite losses and weights."""
+    _, out, _ = run(FAST + ["--iters", "2", "--name", "bf16", "--precision", "bf16",
+                            "--disc-adaptive-weight"], tmp_path)
     assert "bf16 autocast" in out
     logs = read_log(tmp_path / "bf16" / "log.jsonl")
     assert len(logs) == 2 and logs[-1]["nan_skipped"] == 0
-    assert all(torch.isfinite(torch.tensor(float(logs[-1][k]))) for k in ("recon", "lpips", "adv", "align", "d_loss"))
+    assert all(torch.isfinite(torch.tensor(float(logs[-1][k])))
+               for k in ("recon", "lpips", "adv", "align", "d_loss", "adv_lambda"))
+    assert logs[-1]["adv_lambda"] > 0 and "adv_lambda" not in logs[0]    # from --disc-start on
     ckpt = training.load_checkpoint(str(tmp_path / "bf16" / "ckpt.pt"))
     assert ckpt["train_config"]["precision"] == "bf16"
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -136,7 +141,18 @@ def test_lpips_matches_package_and_loads_vgg(tmp_path):
     ours = train_tok.LPIPS(None)
     assert isinstance(ours.lp, lpips.LPIPS)
     a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert not ours.training
     assert torch.allclose(ours(a, b), ours.lp(a, b).mean(), atol=1e-6)       # the package's forward
+    # official: the loss module's .train() turns on the heads' dropout (p = 0.5), which keeps the
+    # expectation; eval mode (above) is the deterministic package value
+    exact = ours(a, b)
+    ours.train()
+    assert all(isinstance(lin.model[0], torch.nn.Dropout) and lin.model[0].p == 0.5 and lin.training
+               for lin in ours.lp.lins)
+    noisy = torch.stack([ours(a, b) for _ in range(12)])
+    assert noisy.std() > 1e-3 * exact
+    assert abs(noisy.mean() - exact) < 4 * noisy.std() / 12 ** 0.5
+    ours.eval()
     heads = torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth"), map_location="cpu")
     assert all(torch.equal(ours.lp.state_dict()[k], v) for k, v in heads.items())   # shipped heads
     # a torchvision-layout VGG16 file fills the trunk
@@ -182,3 +198,105 @@ def test_batched_views_match_separate_calls():
         together = disc.heads_logits(disc.features(views), 4)
         separate = torch.cat([disc(v) for v in views])
     assert torch.allclose(together, separate, atol=1e-5)
+
+
+def test_diff_augment_one_coin_per_policy_entry():
+    """Official DiffAugment: one coin per entry of 'color,translation,cutout', `color` being one
+    entry (brightness, saturation and contrast together). At p = 0.5 colour is applied half the
+    time and nothing at all 1/8 of the time (one coin per op would give 7/8 and 1/32)."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)
+    moved_or_zero = torch.cat([x.flatten(), torch.zeros(1)])   # translation / cutout only move or zero
+    n, colour, untouched = 2000, 0, 0
+    for _ in range(n):
+        y = train_tok.diff_augment(x, 0.5, 0.5)
+        colour += not torch.isin(y, moved_or_zero).all()
+        untouched += torch.equal(y, x)
+    assert abs(colour / n - 0.5) < 0.04                          # binomial std 0.011
+    assert abs(untouched / n - 0.125) < 0.03                     # binomial std 0.0074
+
+
+def test_heads_batchnorm_is_whole_batch_batchnorm_per_view():
+    """One process: the statistics of each view are those of F.batch_norm over that view's images."""
+    torch.manual_seed(0)
+    bn = train_tok.BatchNormSync(5)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_()
+    x = torch.randn(3 * 4, 5, 7) * 3 + 1                         # 3 views of 4 images
+    ref = torch.cat([F.batch_norm(v, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+                     for v in x.chunk(3)])
+    assert torch.allclose(bn(x, 3), ref, atol=1e-5)
+
+
+BN_WORKER = r'''
+import sys, torch, torch.distributed as dist
+repo, out, rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, repo)
+import tokenizer, train_tok
+dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
+world = dist.get_world_size()
+torch.manual_seed(0)                                   # same heads and the same global batch everywhere
+disc = train_tok.DinoDiscriminator(tokenizer.VisionTransformer(224, 16, 8, 1, 2, layerscale=False))
+disc.heads.eval()                                      # spectral norm: no power iteration, fixed sigma
+V, B, C, N = 2, 3, 8, 10
+full = [torch.randn(V, world * B, C, N) * 2 + 0.5 for _ in range(5)]
+w = torch.randn(V, world * B, 5 * N)
+mine = slice(rank * B, (rank + 1) * B)
+feats = [f[:, mine].reshape(V * B, C, N).requires_grad_() for f in full]
+logits = disc.heads_logits(feats, V)
+(logits * w[:, mine].reshape(V * B, -1)).sum().backward()
+torch.save({"logits": logits.detach(), "feat_grads": [f.grad for f in feats],
+            "param_grads": [p.grad for p in disc.heads.parameters()]}, f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+'''
+
+
+def test_heads_batchnorm_statistics_over_the_global_batch_two_processes(tmp_path):
+    """Official norm_type='sbn': BatchNorm statistics over every rank's images of a view. Two gloo
+    processes with 3 images per view each give the logits and gradients of one process holding
+    all 6 (each rank's input receives the gradient of both ranks' losses through the statistics)."""
+    script = tmp_path / "worker.py"
+    script.write_text(BN_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), REPO, str(tmp_path), str(r)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    disc = train_tok.DinoDiscriminator(tokenizer.VisionTransformer(224, 16, 8, 1, 2, layerscale=False))
+    disc.heads.eval()
+    V, B, C, N = 2, 3, 8, 10
+    full = [(torch.randn(V, 2 * B, C, N) * 2 + 0.5).requires_grad_() for _ in range(5)]
+    w = torch.randn(V, 2 * B, 5 * N)
+    logits = disc.heads_logits([f.reshape(V * 2 * B, C, N) for f in full], V).view(V, 2 * B, -1)
+    (logits * w).sum().backward()
+    for r, out in enumerate(ranks):
+        mine = slice(r * B, (r + 1) * B)
+        assert torch.allclose(out["logits"].view(V, B, -1), logits[:, mine].detach(), atol=1e-5)
+        for got, f in zip(out["feat_grads"], full):
+            assert torch.allclose(got.view(V, B, C, N), f.grad[:, mine], atol=1e-5)
+    for p, g0, g1 in zip(disc.heads.parameters(), ranks[0]["param_grads"], ranks[1]["param_grads"]):
+        assert torch.allclose(g0 + g1, p.grad, atol=1e-4)          # DDP then averages over ranks
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_last_layer():
+    """VQGAN / official calculate_adaptive_weight on a toy decoder: ||dL_rec/dw|| / (||dL_adv/dw||
+    + 1e-4) at the last layer w only, clamped to [0, 1e4], detached."""
+    torch.manual_seed(0)
+    first, last = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+    h = torch.tanh(first(torch.randn(5, 4)))
+    x = last(h)
+    rec, adv = (x - 1).pow(2).mean(), -0.01 * x.sum()
+    lam = train_tok.adaptive_weight(rec, adv, last.weight)
+    # by hand: x = h w^T + b, so dL/dw = (dL/dx)^T h
+    g_rec = (2 * (x - 1) / x.numel()).T @ h
+    g_adv = -0.01 * torch.ones_like(x).T @ h
+    assert not lam.requires_grad and lam.dim() == 0
+    assert torch.allclose(lam, g_rec.norm() / (g_adv.norm() + 1e-4))
+    assert abs(lam.item() - 1.0) > 0.1
+    assert train_tok.adaptive_weight(rec * 0, adv, last.weight) == 0
+    assert train_tok.adaptive_weight(last.weight.sum() * 1e9, last.weight.sum() * 0, last.weight) == 1e4
+    (rec + lam * adv).backward()                        # the graph survives (retain_graph)
+    assert first.weight.grad is not None
