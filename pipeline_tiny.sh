@@ -25,10 +25,13 @@ stage() {   # stage NAME COMMAND...: run it, append "NAME MILLISECONDS" to timin
     echo "$name $(( ($(date +%s%N) - start) / 1000000 ))" >> "$EVAL/timings.txt"
 }
 
-stage tokenizer  $PY train_tok.py --preset tiny --out-dir "$RUNS" --iters "${TOK_ITERS:-200}"
+# --overwrite: every run of this script retrains into the same folders (the stages refuse to
+# replace a checkpoint or a latent cache without it)
+stage tokenizer  $PY train_tok.py --preset tiny --out-dir "$RUNS" --iters "${TOK_ITERS:-200}" --overwrite
 stage cache      $PY train_gen.py --preset tiny --cache-latents --tokenizer "$TOK" --cache-dir "$RUNS/latents-tiny" \
-                     --builtin-size "${GEN_IMAGES:-2000}"
-stage generator  $PY train_gen.py --preset tiny --cache-dir "$RUNS/latents-tiny" --out "$RUNS/gen-tiny" --steps "${GEN_STEPS:-600}"
+                     --builtin-size "${GEN_IMAGES:-2000}" --overwrite
+stage generator  $PY train_gen.py --preset tiny --cache-dir "$RUNS/latents-tiny" --out "$RUNS/gen-tiny" \
+                     --steps "${GEN_STEPS:-600}" --overwrite
 rm -rf "$RUNS/samples-tiny"    # samples of an earlier generator would be kept (sample.py resumes)
 stage sampling   $PY sample.py --preset tiny --ckpt "$RUNS/gen-tiny/ckpt.pt" --out "$RUNS/samples-tiny" \
                      --num-images "${NUM_IMAGES:-200}" --steps "${SAMPLE_STEPS:-50}"
