@@ -32,9 +32,11 @@ Paper: "SoftVQ-VAE: Efficient 1-Dimensional Continuous Tokenizer" (arXiv 2412.10
 
 Image sets are a folder of PNG files or an ADM-style `.npz` whose `arr_0` is uint8 N x H x W x 3;
 reference batches may instead hold `mu` / `sigma` (then FID uses them, as the ADM evaluator does).
-`save_images_npz` / `load_images_npz` write / read that format (`iter_images` streams it).
+`save_images_npz` / `load_images_npz` write / read that format (`iter_images` streams it); a file
+that is not such an .npz (not a zip, no images, float or N x 3 x H x W arrays) is refused by name.
+Every subcommand but `flops` takes --device (default auto: a GPU if there is one).
 
-Pretrained files are never downloaded (a missing one is a FileNotFoundError, or "needs <file>" in
+Pretrained files are never downloaded (a missing one is an error naming it, or "needs <file>" in
 `recon`, which then reports the metrics that need no weights):
   weights-inception-2015-12-05-6726825d.pth  (--inception, or $TORCH_HOME/hub/checkpoints/)
       the TF-2015 FID Inception network converted by torch-fidelity, INCEPTION_URL below.
@@ -94,6 +96,12 @@ WARMUP_SAMPLING_STEPS = 2   # untimed sampling run first (kernel selection, allo
 PEAK_MATMUL = {"cpu": 1024}  # matmul size for the peak measurement (8192 on accelerators)
 PEAK_MIN_SECONDS = 1.0      # repeat the peak matmul at least this long
 
+# allowed range of every numeric flag of every subcommand (training.check_flags)
+FLAG_RANGES = {"batch_size": "> 0", "num_workers": ">= 0", "num_images": ">= 0", "grid_images": "> 0",
+               "layer": "> 0", "t": "in [0, 1]", "max_train_images": ">= 0", "max_val_images": ">= 0",
+               "epochs": "> 0", "probe_batch_size": "> 0", "lr": "> 0", "weight_decay": ">= 0",
+               "image_size": "> 0", "batch": "> 0", "steps": "> 0", "train_steps": ">= 0"}
+
 
 # ---------------------------------------------------------------------------------------------
 # Devices and weight files
@@ -129,18 +137,38 @@ def weight_file(filename, given=None, flag=None, url=None):
     path = given or os.path.join(torch.hub.get_dir(), "checkpoints", filename)
     if not os.path.isfile(path):
         how = f"pass {flag} PATH or " if flag else ""
-        raise FileNotFoundError(f"needs {filename}: not found at {path}. Download it from {url} and "
-                                f"{how}put it in {os.path.dirname(path)}")
+        raise training.MissingFileError(f"needs {filename}: not found at {path}. Download it from {url} and "
+                                        f"{how}put it in {os.path.dirname(path)}")
     return path
 
 
 # ---------------------------------------------------------------------------------------------
 # Image sets: PNG folders and ADM-style .npz batches
 # ---------------------------------------------------------------------------------------------
+def _layout_hint(dtype, shape):
+    """What to change when an image array is not uint8 (N, H, W, 3)."""
+    if len(shape) == 4 and shape[1] == 3 and shape[-1] != 3:
+        return " (channels first: transpose to N x H x W x 3)"
+    if np.dtype(dtype).kind == "f":
+        return " (floats: store the images as uint8 in 0..255, as PNGs hold them)"
+    return ""
+
+
 def _check_images(images, name):
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{name}: expected uint8 images of shape (N, H, W, 3), "
-                         f"got {images.dtype} {images.shape}")
+        raise training.UserError(f"{name}: expected uint8 images of shape (N, H, W, 3), got "
+                                 f"{images.dtype} {images.shape}{_layout_hint(images.dtype, images.shape)}")
+    if len(images) == 0:
+        raise training.UserError(f"{name}: holds no images (shape {images.shape}); expected N >= 1")
+
+
+def _check_npz_file(path):
+    """A missing file, or one that is not an .npz (zip) archive, named as such."""
+    if not os.path.isfile(path):
+        raise training.MissingFileError(f"{path}: no such image folder or .npz file")
+    if not zipfile.is_zipfile(path):
+        raise training.UserError(f"{path}: not an .npz file (not a zip archive); expected a PNG folder or an "
+                                 f"ADM-style .npz (arr_0: uint8 N x H x W x 3, or mu / sigma)")
 
 
 def save_images_npz(path, images, count=None, labels=None):
@@ -167,23 +195,24 @@ def save_images_npz(path, images, count=None, labels=None):
                               "fortran_order": False, "shape": (count, *shape)}
                     np.lib.format.write_array_header_1_0(f, header)
                 elif image.shape != shape:
-                    raise ValueError(f"{path}: image {n} is {image.shape}, image 0 is {shape}: mixed sizes")
+                    raise training.UserError(f"{path}: image {n} is {image.shape}, image 0 is {shape}: mixed sizes")
                 f.write(np.ascontiguousarray(image).tobytes())
             if shape is None or n + 1 != count:
-                raise ValueError(f"{path}: got {0 if shape is None else n + 1} images, expected {count}")
+                raise training.UserError(f"{path}: got {0 if shape is None else n + 1} images, expected {count}")
         if labels is not None:
             labels = np.asarray(labels, dtype=np.int64)
             if labels.shape != (count,):
-                raise ValueError(f"{path}: {labels.shape} labels for {count} images")
+                raise training.UserError(f"{path}: {labels.shape} labels for {count} images")
             with zf.open("arr_1.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, labels)
 
 
 def load_images_npz(path):
     """Read all of `arr_0` (uint8, N x H x W x 3) of an ADM-style .npz."""
+    _check_npz_file(path)
     with np.load(path) as npz:
         if "arr_0" not in npz:
-            raise ValueError(f"{path}: no 'arr_0' images (keys: {sorted(npz.keys())})")
+            raise training.UserError(f"{path}: no 'arr_0' images (keys: {sorted(npz.keys())})")
         images = npz["arr_0"]
     _check_images(images, path)
     return images
@@ -199,6 +228,7 @@ def load_stats(path):
     """(mu, sigma) float64 of a stats / ADM reference .npz, or None when it holds no statistics."""
     if not (path.endswith(".npz") and os.path.isfile(path)):
         return None
+    _check_npz_file(path)
     with np.load(path) as npz:
         if "mu" not in npz or "sigma" not in npz:
             return None
@@ -209,19 +239,23 @@ def _png_files(folder):
     files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
                    for name in names if name.lower().endswith(".png"))
     if not files:
-        raise ValueError(f"{folder}: no .png files (image sets are PNG folders or .npz with arr_0; "
-                         "JPEG changes FID, so samples must be stored losslessly)")
+        raise training.UserError(f"{folder}: no .png files (image sets are PNG folders or .npz with arr_0; "
+                                 "JPEG changes FID, so samples must be stored losslessly)")
     return files
 
 
-def _npz_header(f):
-    """Shape of the .npy stream `f` (positioned at its start), validated as uint8 N x H x W x 3."""
+def _npz_header(f, source):
+    """Shape of the .npy stream `f` (arr_0 of `source`, positioned at its start), validated as
+    uint8 N x H x W x 3 with N >= 1."""
     version = np.lib.format.read_magic(f)
     read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
             else np.lib.format.read_array_header_2_0)
     shape, fortran, dtype = read(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
-        raise ValueError(f"arr_0 must be C-ordered uint8 (N, H, W, 3), got {dtype} {shape}")
+        raise training.UserError(f"{source}: arr_0 must be C-ordered uint8 (N, H, W, 3), got {dtype} "
+                                 f"{shape}{' Fortran-ordered' if fortran else ''}{_layout_hint(dtype, shape)}")
+    if shape[0] == 0:
+        raise training.UserError(f"{source}: arr_0 holds no images (shape {shape}); expected N >= 1")
     return shape
 
 
@@ -229,13 +263,12 @@ def count_images(source):
     """Number of images in a PNG folder or in `arr_0` of an .npz (without reading them)."""
     if os.path.isdir(source):
         return len(_png_files(source))
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"{source}: no such image folder or .npz file")
+    _check_npz_file(source)
     with zipfile.ZipFile(source) as zf:
         if "arr_0.npy" not in zf.namelist():
-            raise ValueError(f"{source}: no 'arr_0' images (it may hold only statistics mu/sigma)")
+            raise training.UserError(f"{source}: no 'arr_0' images (it may hold only statistics mu/sigma)")
         with zf.open("arr_0.npy") as f:
-            return _npz_header(f)[0]
+            return _npz_header(f, source)[0]
 
 
 def iter_images(source, batch_size):
@@ -244,16 +277,14 @@ def iter_images(source, batch_size):
     An .npz is read from the zip stream in batches (as the ADM evaluator does), so 50K images at
     512 px (39 GB) never sit in memory at once.
     """
-    from PIL import Image
     if os.path.isdir(source):
         files = _png_files(source)
         for start in range(0, len(files), batch_size):
-            yield np.stack([np.asarray(Image.open(p).convert("RGB"))
-                            for p in files[start:start + batch_size]])
+            yield np.stack([np.asarray(data.open_rgb(p)) for p in files[start:start + batch_size]])
         return
     count_images(source)  # validates the file
     with zipfile.ZipFile(source) as zf, zf.open("arr_0.npy") as f:
-        shape = _npz_header(f)
+        shape = _npz_header(f, source)
         per_image = int(np.prod(shape[1:]))
         for start in range(0, shape[0], batch_size):
             n = min(batch_size, shape[0] - start)
@@ -308,7 +339,7 @@ class FeatureStats:
 
     def mean_cov(self):
         if self.n < 2:
-            raise ValueError(f"need at least 2 images for a covariance, got {self.n}")
+            raise training.UserError(f"need at least 2 images for a covariance, got {self.n}")
         mu = self.sum / self.n
         sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
         return mu.numpy(), sigma.numpy()
@@ -349,8 +380,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
     sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+        raise training.UserError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, "
+                                 f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
@@ -448,7 +479,7 @@ def generation_metrics(samples, ref, metrics=GEN_METRICS, inception=None, batch_
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; allowed: {GEN_METRICS}")
     if ("fid" in metrics or "prec-recall" in metrics) and ref is None:
-        raise ValueError("FID and precision/recall need a reference set (ref)")
+        raise training.UserError("FID and precision/recall need a reference set (ref)")
     count_images(samples)  # a missing or malformed set fails before anything is loaded
     ref_stats = load_stats(ref) if ref is not None else None
     ref_needs_images = "prec-recall" in metrics or ("fid" in metrics and ref_stats is None)
@@ -501,7 +532,7 @@ def ssim(a, b):
     data_range=2.0 for images on [0, 255]: we do not copy that.)
     """
     if min(a.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {a.shape}")
+        raise training.UserError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {a.shape}")
     x, y = a.double(), b.double()
     C = x.shape[1]
     g = _gaussian_window(x.device)
@@ -760,10 +791,10 @@ SUBSET_SEED = 0             # --num-images / --max-*-images: a fixed random subs
 def load_tokenizer_from_args(args):
     """A train_tok.py checkpoint (--ckpt, EMA weights) or a released folder (--released)."""
     if (args.ckpt is None) == (args.released is None):
-        raise ValueError("pass exactly one of --ckpt (train_tok.py checkpoint) or --released "
-                         "(folder with config.json + model.safetensors)")
+        raise training.UserError("pass exactly one of --ckpt (train_tok.py checkpoint) or --released "
+                                 "(folder with config.json + model.safetensors)")
     if args.ckpt is not None:
-        return training.load_tokenizer(args.ckpt, ema=True)
+        return training.load_tokenizer(args.ckpt, ema=True, flag="--ckpt")
     import tokenizer
     return tokenizer.load_released(args.released)
 
@@ -874,9 +905,9 @@ def sit_features(model, z, layer, t=0.0, generator=None):
     level), with the null class as the label so that the features cannot carry it."""
     c = model.config
     if c.arch != "sit":
-        raise ValueError(f"SiT feature probing needs a SiT model, got {c.arch!r}")
+        raise training.UserError(f"SiT feature probing needs a SiT model, got {c.arch!r}")
     if not 1 <= layer <= c.depth:
-        raise ValueError(f"--layer must be in 1..{c.depth} for this SiT, got {layer}")
+        raise training.UserError(f"--layer must be in 1..{c.depth} for this SiT, got {layer}")
     tt = torch.full((z.shape[0],), float(t), device=z.device)
     alpha, sigma = (a.view(-1, 1, 1) for a in model.algorithm.coefficients(tt)[:2])
     noise = torch.randn(z.shape, generator=generator, device=z.device) if t > 0 else torch.zeros_like(z)
@@ -1003,13 +1034,14 @@ def main_gen(args):
     """gen / fid / is / prec-recall."""
     metrics = {"gen": GEN_METRICS, "fid": ("fid",), "is": ("is",),
                "prec-recall": ("prec-recall",)}[args.command]
-    with training.distributed() as (_, _, _, device):
+    with training.distributed(args.device) as (_, _, _, device):
         report(generation_metrics(args.samples, getattr(args, "ref", None), metrics, args.inception,
                                   args.batch_size, device), args.out)
 
 
 def main_stats(args):
-    with training.distributed() as (_, _, _, device):
+    count_images(args.source)  # a missing or malformed set fails before the network is loaded
+    with training.distributed(args.device) as (_, _, _, device):
         feats, _ = inception_features(load_inception(args.inception, device), args.source,
                                       args.batch_size, device)
         stats = FeatureStats()
@@ -1019,9 +1051,9 @@ def main_stats(args):
 
 
 def main_recon(args):
-    with training.distributed() as (rank, _, world, device):
+    with training.distributed(args.device) as (rank, _, world, device):
         if args.save_npz and world > 1:
-            raise ValueError("--save-npz writes from one process: run recon without torchrun")
+            raise training.UserError("--save-npz writes from one process: run recon without torchrun")
         model = load_tokenizer_from_args(args).to(device).eval()
         dataset = data.make_dataset(args.data_path, model.config.image_size, train=False,
                                     seed=BUILTIN_VAL_SEED)
@@ -1050,14 +1082,15 @@ def main_recon(args):
 
 
 def main_linear_probe(args):
-    with training.distributed() as (rank, _, world, device):
+    with training.distributed(args.device) as (rank, _, world, device):
         features = None
         if args.sit is None:                            # Fig. 3a: the tokenizer's latents
             model = load_tokenizer_from_args(args).to(device).eval()
         else:                                           # Fig. 3b: a SiT's intermediate features
             import sample
             tok_path = args.ckpt or args.released        # None: the one the SiT checkpoint names
-            sit, model, mean, std, _ = sample.load_models(SimpleNamespace(ckpt=args.sit, tokenizer=tok_path))
+            sit, model, mean, std, _ = sample.load_models(SimpleNamespace(ckpt=args.sit, tokenizer=tok_path),
+                                                          flag="--sit")
             sit, model = sit.to(device), model.to(device)
             g = torch.Generator(device).manual_seed(SUBSET_SEED + rank)
             features = lambda z: sit_features(sit, (z - mean) / std, args.layer, args.t, g)
@@ -1099,7 +1132,7 @@ def main_flops(args):
 def main_throughput(args):
     import generators
     import tokenizer
-    with training.distributed() as (_, _, _, device):
+    with training.distributed(args.device) as (_, _, _, device):
         dtype = DTYPES[args.dtype]
         torch.manual_seed(0)
         peak = peak_flops(device, dtype)
@@ -1163,6 +1196,7 @@ COMMANDS = {"gen": main_gen, "fid": main_gen, "is": main_gen, "prec-recall": mai
 def main(args):
     # Metrics in full fp32: PyTorch lets cuDNN convolutions use TF32 on Ampere and newer GPUs by
     # default, which would shift the Inception (FID / IS) and VGG (LPIPS) features.
+    training.check_flags(args, FLAG_RANGES)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     COMMANDS[args.command](args)
@@ -1174,7 +1208,11 @@ if __name__ == "__main__":
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def device(p):
+        p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda")
+
     def common(p, out=True):
+        device(p)
         p.add_argument("--inception", default=None,
                        help=f"{INCEPTION_FILE} (default: $TORCH_HOME/hub/checkpoints/)")
         p.add_argument("--batch-size", type=int, default=100, help="images per Inception batch")
@@ -1196,6 +1234,7 @@ if __name__ == "__main__":
     common(p, out=False)
 
     def tokenizer_args(p):
+        device(p)
         p.add_argument("--ckpt", default=None, help="train_tok.py checkpoint (its EMA weights)")
         p.add_argument("--released", default=None, help="released folder: config.json + model.safetensors")
         p.add_argument("--batch-size", type=int, default=64, help="global batch (split over ranks)")
@@ -1262,6 +1301,7 @@ if __name__ == "__main__":
     p.add_argument("--image-size", type=int, default=256)
 
     p = sub.add_parser("throughput", help="training / sampling images/s and fraction of peak")
+    device(p)
     p.add_argument("--models", nargs="+", default=["SiT-XL", "DiT-XL"])
     p.add_argument("--tokens", type=int, nargs="+", choices=(64, 32), default=[64, 32],
                    help="latent tokens L (D = 32 for 64, 64 for 32)")
@@ -1271,4 +1311,4 @@ if __name__ == "__main__":
     p.add_argument("--train-steps", type=int, default=TIMED_TRAIN_STEPS,
                    help="timed training steps (0: no training measurement)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    main(parser.parse_args())
+    training.run_main(lambda: main(parser.parse_args()))

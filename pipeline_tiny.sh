@@ -33,6 +33,8 @@ optional() {   # the flag and value only when the value is set: optional FLAG VA
     [ -n "$2" ] && echo "$1 $2" || true
 }
 
+# --overwrite: every run of this script retrains into the same folders (the stages refuse to
+# replace a checkpoint or a latent cache without it)
 stage judge      $PY evaluate.py judge-train --data-path builtin --builtin-size "${JUDGE_IMAGES:-5000}" \
                      --epochs "${JUDGE_EPOCHS:-3}" --val-images "$N" --out "$RUNS/judge-tiny.pt" --json "$EVAL/judge-train.json"
 stage tokenizer  $PY train_tok.py --preset tiny --tokens 16 --out-dir "$RUNS" --overwrite $(optional --iters "${TOK_ITERS:-}")

@@ -77,6 +77,9 @@ DEFAULTS = dict(ckpt=None, tokenizer=None, out="runs/samples", num_images=50_000
                 nn_check=None)
 GRID_ROWS, GRID_COLUMNS = 10, 8   # grid.png: a row of 8 samples for each of the first 10 classes
 NN_REF_IMAGES = 1000           # --nn-check: real training images the samples are compared with
+# allowed range of every numeric flag (training.check_flags), checked before anything is loaded
+FLAG_RANGES = {"num_images": "> 0", "batch_size": "> 0", "steps": "> 0", "cfg_scale": ">= 0",
+               "guidance_interval": "in [0, 1]", "temperature": ">= 0", "seed": ">= 0"}
 
 
 def resolve(args):
@@ -87,29 +90,32 @@ def resolve(args):
     return argparse.Namespace(**cfg)
 
 
-def load_models(args):
+def load_models(args, flag="--ckpt"):
     """(generator, tokenizer, latent mean, latent std, tokenizer path) from --ckpt / --tokenizer.
 
     A file is a train_gen.py checkpoint (its EMA weights, the paper samples with EMA; its
     tokenizer path and latent statistics); a folder is a released SiT / DiT, which needs
     --tokenizer (a released tokenizer folder carries the latent mean / std as vq_mean / vq_std;
-    our exports, generators.save_released, also carry them in the generator's config, which wins)."""
+    our exports, generators.save_released, also carry them in the generator's config, which wins).
+    A missing, damaged or tokenizer checkpoint is a UserError naming `flag` (the option of args.ckpt)."""
     if args.ckpt is None:
-        raise ValueError("no generator given: pass --ckpt <train_gen.py ckpt.pt or released SiT/DiT folder>")
+        raise training.UserError(f"no generator given: pass {flag} <train_gen.py ckpt.pt or released SiT/DiT folder>")
     if os.path.isdir(args.ckpt):
         model = generators.load_released(args.ckpt)
         if args.tokenizer is None:
-            raise ValueError(f"'{args.ckpt}' is a released generator: pass --tokenizer <released tokenizer "
-                             "folder>")
+            raise training.UserError(f"'{args.ckpt}' is a released generator: pass --tokenizer <released "
+                                     "tokenizer folder>")
         # our exports carry the statistics the generator was trained with; official ones do not
         tok_path, (mean, std) = args.tokenizer, model.latent_stats or (None, None)
     else:
-        ckpt = training.load_checkpoint(args.ckpt)
+        ckpt = training.load_checkpoint(args.ckpt, "generator", flag)
         model = generators.build_generator(generators.GeneratorConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["ema"])
         tok_path = args.tokenizer or ckpt["tokenizer"]
         mean, std = float(ckpt["latent_mean"]), float(ckpt["latent_std"])
-    tok = tokenizer_lib.load_released(tok_path) if os.path.isdir(tok_path) else training.load_tokenizer(tok_path)
+    tok_flag = "--tokenizer" if args.tokenizer else f"the tokenizer path stored in '{args.ckpt}'"
+    tok = (tokenizer_lib.load_released(tok_path) if os.path.isdir(tok_path)
+           else training.load_tokenizer(tok_path, flag=tok_flag))
     carried = float(tok.latent_mean), float(tok.latent_std)         # float32 buffers
     if mean is not None and carried != (0.0, 1.0) and not all(
             math.isclose(a, b, rel_tol=1e-6) for a, b in zip(carried, (mean, std))):
@@ -122,8 +128,8 @@ def load_models(args):
                             "a released generator expects its released tokenizer's vq_mean / vq_std")
     c, t = model.config, tok.config
     if (c.num_tokens, c.token_dim) != (t.num_tokens, t.token_dim):
-        raise ValueError(f"generator models {c.num_tokens}x{c.token_dim} latents, tokenizer '{tok_path}' "
-                         f"makes {t.num_tokens}x{t.token_dim}")
+        raise training.UserError(f"generator models {c.num_tokens}x{c.token_dim} latents, tokenizer '{tok_path}' "
+                                 f"makes {t.num_tokens}x{t.token_dim}")
     return model.eval(), tok.eval(), mean, std, tok_path
 
 
@@ -144,7 +150,7 @@ def write_png(path, image):
 
 
 def read_png(path):
-    return np.asarray(Image.open(path).convert("RGB"))
+    return np.asarray(data.open_rgb(path))
 
 
 def to_hwc_uint8(x):
@@ -189,6 +195,10 @@ def nn_check(samples, labels, args, tok, mean, std, device):
 
 
 def main(args):
+    training.check_flags(args, FLAG_RANGES)
+    lo, hi = args.guidance_interval
+    if lo > hi:
+        raise training.UserError(f"--guidance-interval {lo} {hi}: LO must not exceed HI")
     with training.distributed(args.device) as (rank, _, world_size, device):
         run(args, rank, world_size, device)
 
@@ -197,7 +207,7 @@ def run(args, rank, world_size, device):
     model, tok, mean, std, tok_path = load_models(args)
     # a checksum of the weights (on the CPU, so any device agrees): a retrained checkpoint at the
     # same path must not reuse the old samples
-    checksum = sum(v.double().sum().item() for m in (model, tok) for v in m.state_dict().values())
+    checksum = training.weights_checksum(model, tok)
     model, tok = model.to(device), tok.to(device)
     c = model.config
     settings = dict(ckpt=os.path.abspath(args.ckpt), tokenizer=os.path.abspath(tok_path),
@@ -220,6 +230,8 @@ def run(args, rank, world_size, device):
         dist.barrier()
     if rank == 0:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        for folder in (args.out, os.path.join(args.out, "samples")):   # temp files of killed writes
+            training.remove_stale_temps(folder)
         if not meta_existed:
             with training.atomic_write(meta_path, "w") as f:
                 json.dump(settings, f, indent=1)
@@ -281,7 +293,7 @@ def run(args, rank, world_size, device):
         print("nearest real training image (per-pixel RMSE in [0, 1], lower = closer; class match):")
         for name, r in summary["nn_check"].items():
             print(f"  {name:24s} {r['nn_rmse']:.4f}   {100 * r['nn_class_match']:.1f}%")
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    with training.atomic_write(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
 
@@ -305,4 +317,4 @@ if __name__ == "__main__":
                    help="decode N(0, I) latents instead of sampling the generator (the ceiling row)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda ...")
-    main(resolve(p.parse_args()))
+    training.run_main(lambda: main(resolve(p.parse_args())))

@@ -5,7 +5,9 @@ Paper Sec. 4 and App. C.2. Two steps:
 1. `--cache-latents`: encode the data set once with a trained tokenizer (each image and its
    horizontal flip, as DiT's latent caching does), under DDP, into sharded .npy files, and compute
    the latent mean / std over the whole set (scalars, gathered over all ranks). A tokenizer that
-   already carries them (the released ones: vq_mean / vq_std) is used as is.
+   already carries them (the released ones: vq_mean / vq_std) is used as is. An interrupted cache
+   is finished with `--resume` (finished shards are kept); a complete or started cache is only
+   replaced with `--overwrite`.
 
        torchrun --nproc_per_node=8 train_gen.py --cache-latents --tokenizer runs/L-64/ckpt.pt \\
            --data-path /data/imagenet/train --cache-dir runs/latents-L-64
@@ -24,14 +26,17 @@ Defaults are the paper's recipes (App. C.2), chosen by the model family:
              batch 2048, 100-epoch linear warm-up then constant, 500 epochs, grad clip 3.0, EMA 0.9999.
 bf16 autocast on accelerators; class dropout 0.1 lives inside the generator. Batch sizes are
 global. Exact resume: `--resume` continues from <out>/ckpt.pt (model, EMA, optimizer, step, every
-rank's RNG state); the data order is a pure function of (seed, step).
+rank's RNG state; ckpt-prev.pt, the checkpoint before, if ckpt.pt is damaged); the data order is a
+pure function of (seed, step). On --resume the schedule may change (RESUMABLE_FLAGS: a line says
+what changed); the model, seed, batch and data may not. A folder holding a checkpoint is only
+started again with --overwrite.
 
 `--preset tiny` (CPU, < 2 min each): the tiny tokenizer's latents of the built-in data set and
 a SiT-tiny generator:
     python train_gen.py --preset tiny --cache-latents
     python train_gen.py --preset tiny
 
-The checkpoint <out>/ckpt.pt holds "config" (GeneratorConfig as a dict), "model", "ema",
+The checkpoint <out>/ckpt.pt holds "kind" ("generator"), "config" (GeneratorConfig as a dict), "model", "ema",
 "latent_mean", "latent_std", "tokenizer" (path), "optimizer", "step", "rng" and the training
 settings; sample.py needs nothing else.
 """
@@ -73,15 +78,23 @@ RECIPES = {
 # ---- --preset tiny: a CPU run on the tiny tokenizer's latents of the built-in data ----
 TINY = dict(tokenizer="runs/tiny-64/ckpt.pt", data_path=data.BUILTIN, cache_dir="runs/latents-tiny",
             out="runs/gen-tiny", model="SiT-tiny", batch_size=64, lr=1e-3, steps=600, ema=0.99,
-            log_every=100, ckpt_every=200, builtin_size=2000, num_workers=0)
+            log_every=100, ckpt_every=200, builtin_size=2000, num_workers=0, shard_images=500)
 
 # ---- everything else ----
-DEFAULTS = dict(tokenizer=None, data_path=None, cache_dir=None, out="runs/gen", model="SiT-XL",
-                log_every=100, ckpt_every=10_000, builtin_size=10_000, num_workers=8)
-# flags that do not change what is computed: not compared when resuming
-RUN_ONLY_FLAGS = {"preset", "cache_latents", "resume", "stop_at", "log_every", "ckpt_every", "num_workers",
-                  "out", "device"}
 SHARD_IMAGES = 50_000         # images per shard file and rank (820 MB at L = 64, D = 32, with flips)
+DEFAULTS = dict(tokenizer=None, data_path=None, cache_dir=None, out="runs/gen", model="SiT-XL",
+                log_every=100, ckpt_every=10_000, builtin_size=10_000, num_workers=8, shard_images=SHARD_IMAGES)
+# flags that do not change what is computed: not compared when resuming
+RUN_ONLY_FLAGS = {"preset", "cache_latents", "resume", "overwrite", "stop_at", "log_every", "ckpt_every",
+                  "num_workers", "out", "device", "shard_images"}
+# may differ on --resume (e.g. a lower lr after a NaN stop): the schedule and clipping
+RESUMABLE_FLAGS = {"lr", "warmup_epochs", "steps", "epochs", "grad_clip"}
+# allowed range of every numeric flag (training.check_flags), checked before anything is built
+FLAG_RANGES = {"builtin_size": "> 0", "shard_images": "> 0", "steps": "> 0", "epochs": "> 0",
+               "batch_size": "> 0", "lr": "> 0", "weight_decay": ">= 0", "betas": "in [0, 1)",
+               "warmup_epochs": ">= 0", "grad_clip": ">= 0", "ema": "in [0, 1)", "log_every": "> 0",
+               "ckpt_every": "> 0", "num_workers": ">= 0", "seed": ">= 0", "stop_at": "> 0"}
+CACHE_SETTINGS = "cache.json" # what a cache was started with: --resume must match it
 ENCODE_BATCH = 64             # per-process batch when encoding the data set
 STATS_IMAGES = 10_000         # on-the-fly training: images used to estimate the latent mean / std
 
@@ -91,7 +104,7 @@ def resolve(args):
     cfg = {**DEFAULTS, **(TINY if args.preset == "tiny" else {})}
     model = args.model or cfg["model"]
     if model not in generators.GEN_PRESETS:
-        raise ValueError(f"unknown --model {model!r}; allowed: {list(generators.GEN_PRESETS)}")
+        raise training.UserError(f"unknown --model {model!r}; allowed: {list(generators.GEN_PRESETS)}")
     cfg = {**RECIPES[generators.GEN_PRESETS[model].arch], **cfg}
     cfg.update({k: v for k, v in vars(args).items() if v is not None or k not in cfg})
     cfg["betas"] = [float(b) for b in cfg["betas"]]
@@ -113,7 +126,7 @@ def param_groups(model, weight_decay):
 def load_any_tokenizer(path):
     """A train_tok.py checkpoint (file) or a released model-hub folder (config.json + safetensors)."""
     if path is None:
-        raise ValueError("no tokenizer given: pass --tokenizer <train_tok.py ckpt.pt or released folder>")
+        raise training.UserError("no tokenizer given: pass --tokenizer <train_tok.py ckpt.pt or released folder>")
     if os.path.isdir(path):
         return tokenizer_lib.load_released(path)
     return training.load_tokenizer(path, ema=True)
@@ -145,6 +158,18 @@ def all_reduce_moments(total, total_sq, count, device):
     return mean, math.sqrt(max(total_sq / count - mean * mean, 0.0))
 
 
+def shard_moments(z):
+    """(sum, sum of squares, count) of a shard's latents in float64, over fixed blocks of rows, so
+    that a shard read back from disk gives exactly the values of the one just encoded (a resumed
+    cache has the statistics of an uninterrupted one, to the last bit)."""
+    total = total_sq = 0.0
+    for start in range(0, len(z), ENCODE_BATCH):
+        block = np.asarray(z[start:start + ENCODE_BATCH], dtype=np.float64)
+        total += float(block.sum())
+        total_sq += float(np.square(block).sum())
+    return total, total_sq, int(np.prod(z.shape))
+
+
 # =============================================================================================
 # Step 1: cache the latents of the data set
 # =============================================================================================
@@ -154,42 +179,55 @@ def cache_latents(args, rank, world_size, device):
     # evaluation transform (centre crop, no random flip): the flip is stored explicitly
     ds = data.make_dataset(args.data_path, cfg.image_size, train=False, seed=args.seed,
                            builtin_size=args.builtin_size)
-    os.makedirs(args.cache_dir, exist_ok=True)
-    if rank == 0:   # re-caching replaces an old cache (e.g. of a retrained tokenizer)
-        for pattern in ("*.npy", "meta.json"):
-            for f in glob.glob(os.path.join(args.cache_dir, pattern)):
-                os.remove(f)
+    # what the cached values and their shards depend on: --resume must find the same (a checksum of
+    # the weights: a tokenizer retrained at the same path must not be mixed with its old latents)
+    settings = dict(tokenizer=os.path.abspath(args.tokenizer), weights_checksum=training.weights_checksum(tok),
+                    data_path=args.data_path, num_images=len(ds), seed=args.seed, world_size=world_size,
+                    shard_images=args.shard_images)
+    training.prepare_run_folder(args.cache_dir, args.resume, args.overwrite, holds=("meta.json", "*-latents.npy"),
+                                outputs=("*.npy", "meta.json", CACHE_SETTINGS), what="latent cache",
+                                flag="--cache-dir")
+    settings_path, meta_path = (os.path.join(args.cache_dir, f) for f in (CACHE_SETTINGS, "meta.json"))
+    if args.resume:
+        if not os.path.isfile(settings_path):
+            raise training.MissingFileError(f"--resume: '{args.cache_dir}' holds no cache started by this "
+                                            f"version ({CACHE_SETTINGS} missing): use --overwrite")
+        with open(settings_path) as f:
+            training.check_config(json.load(f), settings, f"latent cache '{args.cache_dir}'")
+        if os.path.isfile(meta_path):
+            training.print0(f"latent cache '{args.cache_dir}' is complete: nothing to do")
+            return
+    elif rank == 0:
+        with training.atomic_write(settings_path, "w") as f:
+            json.dump(settings, f, indent=1)
     if dist.is_initialized():
         dist.barrier()
 
-    # every rank encodes images rank, rank + world, ... (no padding: each image exactly once)
-    mine = Subset(ds, range(rank, len(ds), world_size))
-    loader = DataLoader(mine, batch_size=ENCODE_BATCH, num_workers=args.num_workers)
-    pending_z, pending_y, shard = [], [], 0
-    moments = [0.0, 0.0, 0]
-
-    def flush():
-        nonlocal pending_z, pending_y, shard
-        if pending_z:
-            stem = os.path.join(args.cache_dir, f"r{rank:03d}-s{shard:04d}")
-            np.save(stem + "-latents.npy", torch.cat(pending_z).numpy())   # (n, 2, L, D) float32
-            np.save(stem + "-labels.npy", torch.cat(pending_y).numpy())    # (n,) int64
-            pending_z, pending_y, shard = [], [], shard + 1
-
-    def on_batch(z, y):
-        z64 = z.double()
-        moments[0] += z64.sum().item()
-        moments[1] += z64.square().sum().item()
-        moments[2] += z.numel()
-        pending_z.append(z.cpu())
-        pending_y.append(y.long())
-        if sum(len(p) for p in pending_z) >= SHARD_IMAGES:
-            flush()
-
-    t0 = time.time()
-    encode_images(tok, loader, device, on_batch)
-    flush()
-    measured = all_reduce_moments(*moments, device)
+    # Every rank encodes images rank, rank + world, ... (no padding: each image exactly once), in
+    # shards of --shard-images. A shard's latents file is written last (atomically): where it
+    # exists the shard is finished, and a resumed run keeps it.
+    mine = list(range(rank, len(ds), world_size))
+    total = total_sq = count = 0
+    kept, t0 = 0, time.time()
+    for shard, start in enumerate(range(0, len(mine), args.shard_images)):
+        stem = os.path.join(args.cache_dir, f"r{rank:03d}-s{shard:04d}")
+        if os.path.isfile(stem + "-latents.npy"):
+            z = np.load(stem + "-latents.npy", mmap_mode="r")
+            kept += 1
+        else:
+            # one loader per shard: the same batches whether or not the run was resumed
+            loader = DataLoader(Subset(ds, mine[start:start + args.shard_images]), batch_size=ENCODE_BATCH,
+                                num_workers=args.num_workers)
+            zs, ys = [], []
+            encode_images(tok, loader, device, lambda z, y: (zs.append(z.cpu()), ys.append(y.long())))
+            z = torch.cat(zs).numpy()                                       # (n, 2, L, D) float32
+            with training.atomic_write(stem + "-labels.npy") as f:
+                np.save(f, torch.cat(ys).numpy())                           # (n,) int64
+            with training.atomic_write(stem + "-latents.npy") as f:
+                np.save(f, z)
+        moments = shard_moments(z)
+        total, total_sq, count = total + moments[0], total_sq + moments[1], count + moments[2]
+    measured = all_reduce_moments(total, total_sq, count, device)
     # Sec. 4: normalise by scalars of the training set; a released tokenizer's own values win
     carried = tokenizer_stats(tok)
     mean, std = carried or measured
@@ -202,10 +240,11 @@ def cache_latents(args, rank, world_size, device):
                     token_dim=cfg.token_dim, image_size=cfg.image_size,
                     latent_mean=mean, latent_std=std, stats_from="tokenizer" if carried else "cache",
                     measured_mean=measured[0], measured_std=measured[1])
-        with training.atomic_write(os.path.join(args.cache_dir, "meta.json"), "w") as f:
+        with training.atomic_write(meta_path, "w") as f:
             json.dump(meta, f, indent=1)
         training.print0(f"cached {len(ds)} images x 2 (flip) of {cfg.num_tokens}x{cfg.token_dim} latents "
-                        f"in {time.time() - t0:.1f}s -> {args.cache_dir}; latent mean {mean:.6f} std {std:.6f} "
+                        f"in {time.time() - t0:.1f}s -> {args.cache_dir} (rank 0 kept {kept} finished shards); "
+                        f"latent mean {mean:.6f} std {std:.6f} "
                         f"({'from the tokenizer' if carried else 'measured'}; "
                         f"measured {measured[0]:.6f} / {measured[1]:.6f})")
 
@@ -217,8 +256,9 @@ class LatentCache:
     def __init__(self, cache_dir):
         meta_path = os.path.join(cache_dir, "meta.json")
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"no complete latent cache in '{cache_dir}' (meta.json missing): "
-                                    f"run train_gen.py --cache-latents --cache-dir {cache_dir} first")
+            raise training.MissingFileError(f"no complete latent cache in '{cache_dir}' (meta.json missing): "
+                                            f"run train_gen.py --cache-latents --cache-dir {cache_dir} first "
+                                            f"(an interrupted one: add --resume)")
         with open(meta_path) as f:
             self.meta = json.load(f)
         files = sorted(glob.glob(os.path.join(cache_dir, "*-latents.npy")))
@@ -226,8 +266,8 @@ class LatentCache:
         self.labels = np.concatenate([np.load(p.replace("-latents.npy", "-labels.npy")) for p in files])
         self.offsets = np.cumsum([0] + [len(z) for z in self.latents])
         if self.offsets[-1] != self.meta["num_images"]:
-            raise ValueError(f"'{cache_dir}' holds {self.offsets[-1]} cached images, meta.json says "
-                             f"{self.meta['num_images']}: re-run --cache-latents")
+            raise training.UserError(f"'{cache_dir}' holds {self.offsets[-1]} cached images, meta.json says "
+                                     f"{self.meta['num_images']}: re-run --cache-latents --overwrite")
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -260,15 +300,18 @@ class LossModule(nn.Module):
 # Step 2: train the generator
 # =============================================================================================
 def train(args, rank, world_size, device):
+    training.prepare_run_folder(args.out, args.resume, args.overwrite, holds=("ckpt.pt", "ckpt-prev.pt"),
+                                outputs=("ckpt.pt", "ckpt-prev.pt", "log.jsonl"), what="generator run",
+                                flag="--out")
     # ---- data: the latent cache, or images encoded on the fly ----
     if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} (global) is not divisible by {world_size} processes")
+        raise training.UserError(f"--batch-size {args.batch_size} (global) is not divisible by {world_size} processes")
     local_batch = args.batch_size // world_size
     tok = None
     if not args.on_the_fly:
         if not args.cache_dir:
-            raise ValueError("training reads latents from --cache-dir (written by --cache-latents); "
-                             "or pass --on-the-fly to encode images with --tokenizer every step")
+            raise training.UserError("training reads latents from --cache-dir (written by --cache-latents); "
+                                     "or pass --on-the-fly to encode images with --tokenizer every step")
         cache = LatentCache(args.cache_dir)
         meta = cache.meta
         num_items, num_classes = len(cache), meta["num_classes"]
@@ -299,7 +342,7 @@ def train(args, rank, world_size, device):
         sampler = data.ResumableSampler(ds, rank, world_size, seed=args.seed)
     steps_per_epoch = num_items // args.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the data set ({num_items} items) is smaller than one global batch ({args.batch_size})")
+        raise training.UserError(f"the data set ({num_items} items) is smaller than one global batch ({args.batch_size})")
     total_steps = args.steps if args.steps else args.epochs * steps_per_epoch
     warmup_steps = args.warmup_epochs * steps_per_epoch
 
@@ -315,19 +358,25 @@ def train(args, rank, world_size, device):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
     if args.resume:
-        ckpt = training.load_checkpoint(ckpt_path)
-        training.check_config(ckpt["config"], dataclasses.asdict(model.config), "generator checkpoint")
-        training.check_config(ckpt["settings"], settings, "generator checkpoint")
+        ckpt, used = training.resume_checkpoint(ckpt_path, "generator")
+        training.check_config(ckpt["config"], dataclasses.asdict(model.config), f"{used} (generator)")
+        saved = {k: v for k, v in ckpt["settings"].items() if k not in RUN_ONLY_FLAGS}
+        changed = training.check_config(saved, settings, f"{used} (training)", may_change=RESUMABLE_FLAGS)
         if len(ckpt["rng"]) != world_size:
-            raise ValueError(f"'{ckpt_path}' was written by {len(ckpt['rng'])} processes; resume needs "
-                             f"the same number (this run has {world_size})")
+            raise training.UserError(f"'{used}' was written by {len(ckpt['rng'])} processes; resume needs "
+                                     f"the same number (this run has {world_size})")
+        if ckpt["step"] > total_steps:
+            raise training.UserError(f"the schedule ends at step {total_steps}, before the step of {used} "
+                                     f"({ckpt['step']}): raise --steps / --epochs")
+        if changed:
+            training.print0(f"--resume with changed settings: {training.describe_changes(changed)}")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         guard.load_state_dict(ckpt["nan_guard"])
         step = int(ckpt["step"])
         training.set_rng_state(ckpt["rng"][rank], device)
-        training.print0(f"resumed from {ckpt_path} at step {step}")
+        training.print0(f"resumed from {used} at step {step}")
     else:
         torch.manual_seed(args.seed + rank)   # different noise / timesteps / class dropout per rank
     ddp_model = DDP(LossModule(model)) if dist.is_initialized() else LossModule(model)
@@ -347,7 +396,7 @@ def train(args, rank, world_size, device):
         states = [{k: v.cpu() for k, v in s.items()} for s in states]
         if rank == 0:
             training.save_checkpoint(ckpt_path, {
-                "config": dataclasses.asdict(model.config), "model": model.state_dict(), "ema": ema.state_dict(),
+                "kind": "generator", "config": dataclasses.asdict(model.config), "model": model.state_dict(), "ema": ema.state_dict(),
                 "latent_mean": mean, "latent_std": std, "tokenizer": tok_path, "optimizer": opt.state_dict(),
                 "step": step, "rng": states, "nan_guard": guard.state_dict(), "settings": settings})
 
@@ -357,7 +406,8 @@ def train(args, rank, world_size, device):
     order_epoch, loader_epoch = None, None
     loss_sum, loss_count, t0 = 0.0, 0, time.time()
     stop = min(total_steps, args.stop_at or total_steps)
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    log_file = training.open_log(os.path.join(args.out, "log.jsonl"), step) if rank == 0 else None
+    ckpt_due = False
     while step < stop:
         epoch, pos = divmod(step, steps_per_epoch)
         if not args.on_the_fly:
@@ -409,18 +459,23 @@ def train(args, rank, world_size, device):
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
             loss_sum, loss_count, t0 = 0.0, 0, time.time()
-        if step % args.ckpt_every == 0 or step == stop:
+        # a checkpoint due during a streak of skipped NaN/inf steps waits for the next good step
+        # (the NanGuard stop promises that the last checkpoint was written before the streak)
+        ckpt_due = ckpt_due or step % args.ckpt_every == 0
+        if step == stop or (ckpt_due and guard.in_a_row == 0):
             save()
+            ckpt_due = False
     if log_file:
         log_file.close()
     training.print0(f"done: {ckpt_path} (step {step} of {total_steps})")
 
 
 def main(args):
+    training.check_flags(args, FLAG_RANGES)
     with training.distributed(args.device) as (rank, _, world_size, device):
         if args.cache_latents:
             if not args.cache_dir:
-                raise ValueError("--cache-latents needs --cache-dir (where the shards go)")
+                raise training.UserError("--cache-latents needs --cache-dir (where the shards go)")
             cache_latents(args, rank, world_size, device)
         else:
             train(args, rank, world_size, device)
@@ -436,6 +491,9 @@ if __name__ == "__main__":
     p.add_argument("--on-the-fly", action="store_true",
                    help="train without a cache: encode --data-path images with --tokenizer every step")
     p.add_argument("--builtin-size", type=int, help="images in the built-in data set")
+    p.add_argument("--shard-images", type=int,
+                   help=f"--cache-latents: images per shard file and rank (default {SHARD_IMAGES}; tiny "
+                        f"{TINY['shard_images']}): the unit a resumed cache keeps")
     p.add_argument("--out", help="output folder (ckpt.pt)")
     p.add_argument("--model", help="generator preset (generators.GEN_PRESETS), default SiT-XL")
     p.add_argument("--steps", type=int, help="training steps (DiT/SiT default 3M; MAR uses --epochs)")
@@ -451,10 +509,16 @@ if __name__ == "__main__":
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--num-workers", type=int, help="data loader workers per process")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/ckpt.pt (or ckpt-prev.pt if it is damaged; --lr, --warmup-epochs, "
+                        "--steps, --epochs, --grad-clip may change); with --cache-latents: finish an "
+                        "interrupted cache, keeping its finished shards")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out folder holding a checkpoint, or a --cache-dir holding latents "
+                        "(deletes them)")
     p.add_argument("--stop-at", type=int,
                    help="stop (with a checkpoint) after this step; the schedule still ends at --steps")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda ...")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype; auto: bf16 on GPUs, fp32 on CPUs")
-    main(resolve(p.parse_args()))
+    training.run_main(lambda: main(resolve(p.parse_args())))

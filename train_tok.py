@@ -20,7 +20,8 @@ Run:
   python train_tok.py --preset tiny                  # CPU, built-in data, < 2 min -> runs/tiny-64/
   torchrun --nproc_per_node=8 train_tok.py --tokens 32 --data-path /imagenet/train   # SoftVQ-L-32
   python train_tok.py --benchmark 5 --preset S --image-size 128 --batch 2             # speed, JSON
-  ... --resume                                       # continue runs/<name>/ckpt.pt exactly
+  ... --resume                                       # continue <out-dir>/<name>/ckpt.pt exactly
+  ... --overwrite                                    # start a run folder that holds a checkpoint again
 
 Pretrained files are never downloaded. By default they are read from $TORCH_HOME/hub/checkpoints/
 (vgg16-397923af.pth, dino_deitsmall16_pretrain.pth, dinov2_vit{s,b,l}14_pretrain.pth, and for
@@ -31,9 +32,14 @@ start (naming each file); the tiny preset turns that term off and says so. --fak
 randomly initialised stand-ins of the same networks (tiny ones under --preset tiny) so that every
 loss term runs without any file (tests, --benchmark).
 
-Outputs in runs/<name>/: ckpt.pt (model, EMA, projector, discriminator heads, both optimizers,
-step, data position, RNG states of every rank, config; load with training.load_tokenizer),
-log.jsonl (one JSON line per log step), recon_<step>.png (top: inputs, bottom: reconstructions).
+Outputs in <out-dir>/<name>/ (default runs/<preset>-<tokens>/): ckpt.pt (model, EMA, projector,
+discriminator heads, both optimizers, step, data position, RNG states of every rank, config; load
+with training.load_tokenizer) and ckpt-prev.pt (the checkpoint before it, the fallback of --resume
+when ckpt.pt is damaged), log.jsonl (one JSON line per log step), recon_<step>.png (top: inputs,
+bottom: reconstructions). A folder holding a checkpoint is never started again silently: pass
+--resume to continue it or --overwrite to replace it. On --resume the schedule and the loss
+weights may change (RESUMABLE_FLAGS: a line says what changed); the model, seed, batch and data
+order may not.
 """
 
 import argparse
@@ -108,9 +114,23 @@ TINY_DEFAULTS = dict(global_batch=16, iters=200, lr=0.016, min_lr=1e-4, warmup=2
                      vis_every=100, ckpt_every=100)
 # Excluded from the resume config check: flags that do not change what is computed, file locations
 # (files get moved; their contents are not checked) and the encoder init (used only at step 0).
-RUN_ONLY_FLAGS = {"resume", "stop_at", "log_every", "vis_every", "ckpt_every", "num_workers",
-                  "out_dir", "benchmark", "benchmark_warmup", "benchmark_profile", "data_path",
+# The run folder's own name is a location too: a copied or renamed run folder can be resumed.
+RUN_ONLY_FLAGS = {"resume", "overwrite", "stop_at", "log_every", "vis_every", "ckpt_every", "num_workers",
+                  "out_dir", "name", "benchmark", "benchmark_warmup", "benchmark_profile", "data_path",
                   "vgg_path", "dino_path", "teacher_path", "encoder_init"}
+# May differ on --resume (e.g. a lower lr after a NaN stop): the schedule, clipping and the
+# objective's weights and start steps. The rest (model, seed, batch, data order) may not.
+RESUMABLE_FLAGS = {"lr", "min_lr", "warmup", "iters", "grad_clip", "lpips_weight", "lpips_warmup",
+                   "disc_weight", "disc_start", "cr_weight", "lecam_weight", "align_weight"}
+# Allowed range of every numeric flag (training.check_flags), checked before anything is built.
+FLAG_RANGES = {"image_size": "> 0", "builtin_size": "> 0", "num_workers": ">= 0", "global_batch": "> 0",
+               "micro_batch": "> 0", "iters": "> 0", "lr": "> 0", "min_lr": ">= 0", "warmup": ">= 0",
+               "weight_decay": ">= 0", "beta1": "in [0, 1)", "beta2": "in [0, 1)", "grad_clip": ">= 0",
+               "ema": "in [0, 1)", "lpips_weight": ">= 0", "lpips_warmup": ">= 0", "disc_weight": ">= 0",
+               "disc_start": ">= 0", "cr_weight": ">= 0", "lecam_weight": ">= 0", "align_weight": ">= 0",
+               "proj_dim": "> 0", "teacher_patch": "> 0", "seed": ">= 0", "log_every": "> 0",
+               "vis_every": "> 0", "ckpt_every": "> 0", "stop_at": "> 0", "benchmark": ">= 0",
+               "benchmark_warmup": ">= 0"}
 
 
 # ---- pieces of the objective ----
@@ -350,7 +370,7 @@ def align_loss(projected, target):
     B, L, C = projected.shape
     N = target.shape[1]
     if N % L:
-        raise ValueError(f"alignment needs N/L integer: the teacher gives N = {N} tokens for L = {L} "
+        raise training.UserError(f"alignment needs N/L integer: the teacher gives N = {N} tokens for L = {L} "
                          f"latents; change --teacher-patch or --tokens")
     p = F.normalize(projected.float(), dim=-1).unsqueeze(2)                     # (B, L, 1, C)
     y = F.normalize(target.float(), dim=-1).view(B, L, N // L, C)               # (B, L, N/L, C)
@@ -435,11 +455,12 @@ def main(args):
     if args.teacher_size is not None:                  # deprecated alias of --teacher dinov2-<size>
         alias = f"dinov2-{args.teacher_size}"
         if args.teacher not in (None, alias):
-            raise ValueError(f"--teacher-size {args.teacher_size} contradicts --teacher {args.teacher}")
+            raise training.UserError(f"--teacher-size {args.teacher_size} contradicts --teacher {args.teacher}")
         warnings.warn(f"--teacher-size is deprecated: use --teacher {alias}", FutureWarning)
         args.teacher = alias
     del args.teacher_size
     args.teacher = args.teacher or DEFAULT_TEACHER
+    training.check_flags(args, FLAG_RANGES)
 
     # ---- distributed setup ----
     with training.distributed(args.device) as (rank, _, world, device):
@@ -449,9 +470,13 @@ def main(args):
 def run(args, rank, world, device):
     print0 = training.print0
     overrides = {} if args.image_size is None else {"image_size": args.image_size}
-    with torch.device("meta"):                          # the config only (nothing allocated)
-        tok_cfg = tokenizer.make_tokenizer(args.preset, tokens=args.tokens, quantizer=args.quantizer,
-                                           **overrides).config
+    try:
+        with torch.device("meta"):                      # the config only (nothing allocated)
+            tok_cfg = tokenizer.make_tokenizer(args.preset, tokens=args.tokens, quantizer=args.quantizer,
+                                               **overrides).config
+    except ValueError as err:                           # built from the flags alone: their values
+        raise training.UserError(f"--preset {args.preset} --tokens {args.tokens} --quantizer "
+                                 f"{args.quantizer} --image-size {args.image_size}: {err}") from err
     image_size = tok_cfg.image_size
     run_name = args.name or f"{args.preset}-{args.tokens}"
     out_dir = os.path.join(args.out_dir, run_name)
@@ -486,12 +511,13 @@ def run(args, rank, world, device):
     missing = {term: path for term, path in wanted.items() if not os.path.isfile(path)}
     if missing and scale == "full":
         source = {"alignment": teacher_spec["source"]}
-        lines = [f"  {term}: {path}  (from "
-                 f"{source.get(term) or SOURCES.get(os.path.basename(path), SOURCES['dinov2'])})"
-                 for term, path in missing.items()]
-        raise FileNotFoundError("pretrained files missing (never downloaded: put each file at the path "
-                                "shown, or pass --vgg-path / --dino-path / --teacher-path / --encoder-init, "
-                                "or --fake-pretrained for random stand-ins):\n" + "\n".join(lines))
+        files = "; ".join(f"{term}: {path} (from "
+                          f"{source.get(term) or SOURCES.get(os.path.basename(path), SOURCES['dinov2'])})"
+                          for term, path in missing.items())
+        raise training.MissingFileError(f"pretrained files missing: {files}. They are never downloaded: put "
+                                        f"each file at the path shown, or pass --vgg-path / --dino-path / "
+                                        f"--teacher-path / --encoder-init, or --fake-pretrained for random "
+                                        f"stand-ins")
     for term, path in missing.items():
         print0(f"tiny preset: {path} not found -> {term} term off")
         if term == "encoder init":
@@ -500,14 +526,30 @@ def run(args, rank, world, device):
             setattr(args, {"LPIPS": "lpips_weight", "adversarial": "disc_weight",
                            "alignment": "align_weight"}[term], 0.0)
 
-    # ---- resume check: refuse a checkpoint of another configuration before building anything ----
+    # ---- run folder and resume check: refuse a checkpoint of another configuration before building ----
     train_cfg = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS}
     train_cfg["world_size"] = world                      # the data order depends on it
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if args.resume:
-        ckpt = training.load_checkpoint(ckpt_path)
-        training.check_config(ckpt["config"], dataclasses.asdict(tok_cfg), f"{ckpt_path} (tokenizer)")
-        training.check_config(ckpt["train_config"], train_cfg, f"{ckpt_path} (training)")
+    if not args.benchmark:
+        training.prepare_run_folder(out_dir, args.resume, args.overwrite, holds=("ckpt.pt", "ckpt-prev.pt"),
+                                    outputs=("ckpt.pt", "ckpt-prev.pt", "log.jsonl", "recon_*.png"),
+                                    what="tokenizer run", flag="--name")
+    if args.resume and not args.benchmark:
+        ckpt, used = training.resume_checkpoint(ckpt_path, "tokenizer")
+        training.check_config(ckpt["config"], dataclasses.asdict(tok_cfg), f"{used} (tokenizer)")
+        saved = {k: v for k, v in ckpt["train_config"].items() if k not in RUN_ONLY_FLAGS}
+        changed = training.check_config(saved, train_cfg, f"{used} (training)", may_change=RESUMABLE_FLAGS)
+        for key, flag, term, on in (("disc_heads", "--disc-weight", "adversarial", args.disc_weight > 0),
+                                    ("projector", "--align-weight", "alignment", args.align_weight > 0)):
+            had = ckpt[key] is not None                  # these terms carry trained state
+            if had != on:
+                raise training.UserError(f"--resume can change {flag} but not turn the {term} term "
+                                         f"{'off' if had else 'on'}: {used} was trained "
+                                         f"{'with' if had else 'without'} it")
+        if ckpt["step"] > args.iters:
+            raise training.UserError(f"--iters {args.iters} is below the step of {used} ({ckpt['step']})")
+        if changed:
+            print0(f"--resume with changed settings: {training.describe_changes(changed)}")
 
     # ---- model ----
     torch.manual_seed(args.seed)                       # identical initial weights on every rank
@@ -557,11 +599,11 @@ def run(args, rank, world, device):
     opt = adamw(gen)
     opt_d = adamw(disc.heads) if disc is not None else None
     if args.global_batch % world:
-        raise ValueError(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
+        raise training.UserError(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
     local_batch = args.global_batch // world
     micro = args.micro_batch or local_batch
     if local_batch % micro:
-        raise ValueError(f"per-rank batch {local_batch} is not divisible by --micro-batch {micro}")
+        raise training.UserError(f"per-rank batch {local_batch} is not divisible by --micro-batch {micro}")
     base_lr = args.lr * args.global_batch / 256        # App. C.1: lr 1e-4 at batch 256, scaled
     use_bf16 = training.use_bf16(args.precision, device)      # App. C.1: bf16 on accelerators
     autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -720,7 +762,7 @@ def run(args, rank, world, device):
                         generator=torch.Generator().manual_seed(args.seed))  # global RNG left untouched
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images are fewer than one global batch ({args.global_batch})")
+        raise training.UserError(f"{len(dataset)} images are fewer than one global batch ({args.global_batch})")
     print0(f"data: {args.data_path} ({len(dataset)} images, {steps_per_epoch} steps per epoch)")
 
     # ---- resume ----
@@ -739,7 +781,7 @@ def run(args, rank, world, device):
         guard_d.load_state_dict(ckpt["nan_guard_disc"])
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         training.set_rng_state(ckpt["rng"][rank], device)
-        print0(f"resumed {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        print0(f"resumed {used} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     else:
         torch.manual_seed(args.seed * world + rank)      # per-rank augmentation randomness (DiT style)
 
@@ -751,7 +793,7 @@ def run(args, rank, world, device):
             rngs = [training.rng_state(device)]
         if rank == 0:
             training.save_checkpoint(ckpt_path, {
-                "config": dataclasses.asdict(tok_cfg), "train_config": train_cfg,
+                "kind": "tokenizer", "config": dataclasses.asdict(tok_cfg), "train_config": train_cfg,
                 "model": tok.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                 "projector": projector.state_dict() if projector is not None else None,
                 "disc_heads": disc.heads.state_dict() if disc is not None else None,
@@ -764,8 +806,9 @@ def run(args, rank, world, device):
     # ---- loop ----
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if rank == 0 else None
+    log_file = training.open_log(os.path.join(out_dir, "log.jsonl"), step) if rank == 0 else None
     running, n_running, t_log = {}, 0, time.perf_counter()
+    ckpt_due = False
     stop = min(args.iters, args.stop_at or args.iters)
     print0(f"training {run_name}: steps {step} -> {stop} of {args.iters}, global batch "
            f"{args.global_batch} ({world} x {local_batch // micro} x {micro}), lr {base_lr:.2e}, "
@@ -803,8 +846,12 @@ def run(args, rank, world, device):
                 n = min(8, x.shape[0], recs[0].shape[0])
                 training.save_image_grid(torch.cat([x[:n], recs[0][:n]]),
                                          os.path.join(out_dir, f"recon_{step:07d}.png"), nrow=n)
-            if step % args.ckpt_every == 0 or step == stop:
+            # A checkpoint due during a streak of skipped NaN/inf steps waits for the next good step:
+            # the NanGuard stop promises that the last checkpoint was written before the streak.
+            ckpt_due = ckpt_due or step % args.ckpt_every == 0
+            if step == stop or (ckpt_due and guard.in_a_row == 0 and guard_d.in_a_row == 0):
                 save()
+                ckpt_due = False
             if step >= stop:
                 break
     if log_file:
@@ -826,8 +873,10 @@ if __name__ == "__main__":
         return f" (default {FULL_DEFAULTS[k]}; tiny preset {TINY_DEFAULTS[k]})"
     # model
     p.add_argument("--preset", default="L", choices=list(tokenizer.PRESETS), help="tokenizer size (Sec. 4)")
-    p.add_argument("--tokens", type=int, default=64, help="latent tokens L (64 -> D 32, 32 -> D 64)")
-    p.add_argument("--quantizer", default="softvq", help="a quantizers.QUANTIZERS key (Table 3 baselines)")
+    p.add_argument("--tokens", type=int, default=64, choices=sorted(tokenizer.TOKEN_DIMS),
+                   help="latent tokens L (64 -> D 32, 32 -> D 64)")
+    p.add_argument("--quantizer", default="softvq", choices=sorted(tokenizer.QUANTIZERS),
+                   help="a quantizers.QUANTIZERS key (Table 3 baselines)")
     p.add_argument("--image-size", type=int, default=None, help="resolution (default: the preset's, 256)")
     p.add_argument("--encoder-init", default="auto",
                    help="DINOv2 .pth for the encoder (Sec. 4); auto: dinov2_vit{s,b,l}14_pretrain.pth of "
@@ -885,11 +934,15 @@ if __name__ == "__main__":
     p.add_argument("--log-every", type=int, default=None, help="steps per log line" + both("log_every"))
     p.add_argument("--vis-every", type=int, default=None, help="steps per recon grid" + both("vis_every"))
     p.add_argument("--ckpt-every", type=int, default=None, help="steps per checkpoint" + both("ckpt_every"))
-    p.add_argument("--resume", action="store_true", help="continue runs/<name>/ckpt.pt exactly")
+    p.add_argument("--resume", action="store_true",
+                   help="continue <out-dir>/<name>/ckpt.pt exactly (or ckpt-prev.pt if it is damaged); "
+                        "--lr, --min-lr, --warmup, --iters, --grad-clip and the loss weights / start steps may change")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in a run folder that holds a checkpoint (deletes its checkpoints, log, grids)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop with a checkpoint after this step (the lr schedule still ends at --iters)")
     p.add_argument("--benchmark", type=int, default=0, help="time N iterations, print one JSON line, exit")
     p.add_argument("--benchmark-warmup", type=int, default=1, help="untimed iterations before timing")
     p.add_argument("--benchmark-profile", action="store_true",
                    help="also print torch.profiler's table of the ops that take the time (slower)")
-    main(p.parse_args())
+    training.run_main(lambda: main(p.parse_args()))

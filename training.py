@@ -1,9 +1,16 @@
 """Training utilities shared by train_tok.py, train_gen.py, sample.py and evaluate.py.
 
+  UserError, MissingFileError     errors the user can fix; run_main prints them as one line
+  run_main(fn)                    a stage's `__main__`: user errors -> `error: ...`, exit 1, no traceback
+  check_flags(args, ranges)       refuse zero / negative / out-of-range numeric flags, naming them
   distributed()                   torchrun-aware process group + device (world size 1 without torchrun)
   print0(...)                     print on rank 0 only
   atomic_write(path)              `with` a temp file renamed over path on success (no truncated files)
-  save_checkpoint / load_checkpoint   atomic write (temp file + os.replace); torch.load(weights_only=True)
+  save_checkpoint / load_checkpoint   atomic write keeping the previous checkpoint (<name>-prev.pt);
+                                  loading verifies the file (CRC-32 of every record) and its kind
+  resume_checkpoint(path, kind)   the checkpoint --resume continues: path, or the previous one
+  prepare_run_folder(...)         never replace a run silently: --resume / --overwrite; stale temps go
+  open_log(path, step)            a run's log.jsonl without the lines written after its checkpoint
   rng_state() / set_rng_state()   python, numpy, torch CPU and accelerator RNG states, as tensors
   check_config(saved, now, what)  refuse a checkpoint of another configuration, naming the fields
   EMA                             exponential moving average of a model's trainable weights (+ buffers)
@@ -13,16 +20,32 @@
   use_bf16(precision, device)     --precision auto | bf16 | fp32 -> bf16 autocast or not
   cosine_lr(step, ...)            linear warm-up then cosine decay to a minimum
   load_tokenizer(path, ema=True)  rebuild a SoftVQ-VAE from a train_tok.py checkpoint
+  weights_checksum(*modules)      a number that changes with any weight (output folders record it)
 
 Checkpoints hold only tensors, dicts, lists, tuples, strings and numbers, so they load with
-`torch.load(weights_only=True)` (no pickled code runs when a checkpoint is opened).
+`torch.load(weights_only=True)` (no pickled code runs when a checkpoint is opened). Each records
+what wrote it: "kind" is "tokenizer" (train_tok.py) or "generator" (train_gen.py).
+
+Fault injection (fault_injection.py): SOFTVQ_KILL_IN_WRITE=<file name pattern>:<n>:<point> makes a
+process kill itself (SIGKILL, as `kill -9`) inside its n-th atomic write of a matching file, at a
+chosen point (see atomic_write), so that kills inside a write, which takes milliseconds, are
+tested deterministically.
 """
 
+import collections
 import contextlib
 import dataclasses
+import fnmatch
+import glob
+import json
 import math
 import os
+import pickle
 import random
+import re
+import signal
+import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -30,6 +53,61 @@ import torch.distributed as dist
 from PIL import Image
 
 MAX_NONFINITE_IN_A_ROW = 20     # NanGuard: this many skipped steps in a row stop the run
+TEMP_SUFFIX = ".tmp"            # atomic_write's temp files: <path>.tmp<pid>
+KILL_ENV = "SOFTVQ_KILL_IN_WRITE"
+KILL_POINTS = ("start", "middle", "end", "rotate")
+CHECKPOINT_WRITERS = {"tokenizer": "train_tok.py", "generator": "train_gen.py"}   # kind -> script
+
+
+# ---- errors the user can fix, and the command line around them ----
+
+class UserError(ValueError):
+    """A problem the user can fix: a flag value, a path, a file's contents, a checkpoint of another
+    kind or configuration, data that makes training diverge. run_main prints its message as one
+    line instead of a traceback. A ValueError, so library callers can catch it as before."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder that was named (by a flag, a checkpoint, a default path) does not exist."""
+
+
+def run_main(fn):
+    """The body of every stage's `if __name__ == "__main__":`, as `run_main(lambda: main(args))`.
+    A UserError, or an OSError about a named file (a wrong path, no permission, a full disk), ends
+    the program with one line `error: <message>` on stderr and exit status 1: the user can act on
+    the message, and a traceback would bury it. Any other exception is a bug and keeps its traceback."""
+    try:
+        fn()
+    except Exception as err:
+        if not isinstance(err, UserError) and not (isinstance(err, OSError) and err.filename):
+            raise
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        sys.exit(f"{rank}error: {err}")
+
+
+_RANGE = re.compile(r"(>=?) (\S+)|in ([\[(])(\S+), (\S+)([\])])")
+
+
+def check_flags(args, ranges):
+    """Refuse numeric flags outside their range before anything is built. `ranges` maps an
+    attribute of args to its range written as the error message shows it: "> 0", ">= 0",
+    "in [0, 1)" (a square bracket includes its bound). Unset (None) and absent attributes pass;
+    list values (e.g. --betas) are checked element by element; NaN and inf never pass."""
+    for name, rule in ranges.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        m = _RANGE.fullmatch(rule)
+        if m is None:
+            raise ValueError(f"range rule {rule!r} of {name} is not '> x', '>= x' or 'in [a, b)'")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if m[1]:
+                ok = v > float(m[2]) if m[1] == ">" else v >= float(m[2])
+            else:
+                lo, hi = float(m[4]), float(m[5])
+                ok = (lo <= v if m[3] == "[" else lo < v) and (v <= hi if m[6] == "]" else v < hi)
+            if not (ok and math.isfinite(v)):
+                raise UserError(f"--{name.replace('_', '-')} must be {rule} (got {value})")
 
 
 # ---- distributed ----
@@ -73,39 +151,213 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-# ---- checkpoints ----
+# ---- checkpoints and run folders ----
+
+_writes_seen = collections.Counter()
+
+
+def _kill_point(path):
+    """Fault injection: the point of this atomic write of `path` at which SOFTVQ_KILL_IN_WRITE
+    (<file name pattern>:<n>:<point>) asks this process to kill itself, or None. Writes are
+    counted per pattern in this process; the n-th (1-based) matching one is hit."""
+    plan = os.environ.get(KILL_ENV)
+    if not plan:
+        return None
+    pattern, n, point = plan.rsplit(":", 2)
+    if point not in KILL_POINTS:
+        raise ValueError(f"{KILL_ENV}={plan!r}: the point must be one of {KILL_POINTS}")
+    if not fnmatch.fnmatch(os.path.basename(path), pattern):
+        return None
+    _writes_seen[pattern] += 1
+    return point if _writes_seen[pattern] == int(n) else None
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)      # as `kill -9`: no cleanup, no finally blocks
+
 
 @contextlib.contextmanager
-def atomic_write(path, mode="wb", fsync=False):
-    """`with atomic_write(path) as f:` writes to a temp file in the same folder and renames it over
-    `path` when the block succeeds, so a run killed mid-write leaves the old file (or none), never
-    a truncated one. fsync=True also forces the data to disk before the rename (checkpoints)."""
+def atomic_write(path, mode="wb", fsync=False, previous=None):
+    """`with atomic_write(path) as f:` writes to a temp file in the same folder (<path>.tmp<pid>)
+    and renames it over `path` when the block succeeds, so a run killed mid-write leaves the old
+    file (or none), never a truncated one. fsync=True also forces the data to disk before the
+    rename (checkpoints). previous: a path that the file being replaced is first renamed to.
+    A killed process leaves its temp file (remove_stale_temps deletes it at the next start).
+    Kill points of SOFTVQ_KILL_IN_WRITE, by what they leave: start (an empty temp file), middle
+    (a temp file with half the data), end (a complete temp file, not renamed), rotate (with
+    `previous`: the old file already renamed to it, the new one not yet in place)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}{TEMP_SUFFIX}{os.getpid()}"
+    kill = _kill_point(path)
     try:
         with open(tmp, mode) as f:
+            if kill == "start":
+                _die()
             yield f
+            f.flush()
+            if kill == "middle":
+                os.truncate(tmp, os.path.getsize(tmp) // 2)
+                _die()
             if fsync:
-                f.flush()
                 os.fsync(f.fileno())
+        if kill == "end":
+            _die()
+        if previous is not None and os.path.exists(path):
+            os.replace(path, previous)
+            if kill == "rotate":
+                _die()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):          # only if writing failed: never leave a half file behind
             os.remove(tmp)
 
 
+def remove_stale_temps(folder):
+    """Delete the temp files that killed processes left in `folder` (atomic_write's
+    <name>.tmp<pid>: up to a whole checkpoint each). Call it where no other process is writing."""
+    if not os.path.isdir(folder):
+        return
+    stale = re.compile(rf".+{re.escape(TEMP_SUFFIX)}\d+")
+    for name in os.listdir(folder):
+        if stale.fullmatch(name):
+            os.remove(os.path.join(folder, name))
+
+
+def previous_checkpoint(path):
+    """runs/x/ckpt.pt -> runs/x/ckpt-prev.pt: where save_checkpoint keeps the checkpoint before."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-prev{ext}"
+
+
+def checkpoint_problem(path):
+    """What is wrong with the file `path` as a checkpoint, or None. torch.save writes a zip archive
+    with a CRC-32 of every record, which torch.load does not check (a flipped bit loads
+    silently), so this does: it finds a missing file, a truncated one (its zip directory, at the
+    end, is gone) and any damaged record, without unpickling anything (~2 GB/s)."""
+    if not os.path.isfile(path):
+        return "it does not exist"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, EOFError) as err:
+        return f"it is truncated or not a checkpoint ({err})"
+    return None if bad is None else f"it is corrupt (record {bad} fails its CRC-32 check)"
+
+
 def save_checkpoint(path, state):
-    """Write `state` atomically and durably (atomic_write with fsync): a run killed while saving
-    leaves the previous checkpoint intact."""
-    with atomic_write(path, fsync=True) as f:
+    """Write `state` atomically and durably (atomic_write with fsync). The checkpoint it replaces
+    becomes <name>-prev.pt if it passes checkpoint_problem (a corrupt one is overwritten, never
+    kept as the fallback), so a checkpoint spoiled later (a copy cut short, a bad disk) still
+    leaves the one before it, and a run killed while saving leaves both intact."""
+    keep = os.path.exists(path) and checkpoint_problem(path) is None
+    with atomic_write(path, fsync=True, previous=previous_checkpoint(path) if keep else None) as f:
         torch.save(state, f)
 
 
-def load_checkpoint(path):
-    """torch.load on the CPU with weights_only=True. A missing file is a FileNotFoundError."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+def checkpoint_kind(ckpt):
+    """"tokenizer" or "generator": what wrote a checkpoint. Checkpoints written before they
+    recorded it are told apart by their config (generators have an "arch", tokenizers an
+    "image_size"); None when neither."""
+    if "kind" in ckpt:
+        return ckpt["kind"]
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    return "generator" if "arch" in config else "tokenizer" if "image_size" in config else None
+
+
+def read_checkpoint(path, kind=None, flag="--ckpt"):
+    """Verify (checkpoint_problem), then torch.load on the CPU with weights_only=True. Any problem
+    is a UserError naming the file and what is wrong, a missing file a MissingFileError; with
+    `kind`, a checkpoint of the other kind is named as such ("this is a tokenizer checkpoint;
+    --ckpt needs a generator checkpoint (from train_gen.py)", `flag` the option that gave it)."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        error = MissingFileError if not os.path.isfile(path) else UserError
+        raise error(f"checkpoint '{path}': {problem}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise UserError(f"checkpoint '{path}' cannot be loaded: {str(err).splitlines()[0]}") from err
+    if not isinstance(ckpt, dict):
+        raise UserError(f"'{path}' is not a checkpoint of this project (it holds a {type(ckpt).__name__}, not a dict)")
+    found = checkpoint_kind(ckpt)
+    if kind is not None and found != kind:
+        this = f"this is a {found} checkpoint" if found else "this is neither a tokenizer nor a generator checkpoint"
+        raise UserError(f"'{path}': {this}; {flag} needs a {kind} checkpoint (from {CHECKPOINT_WRITERS[kind]})")
+    return ckpt
+
+
+def load_checkpoint(path, kind=None, flag="--ckpt"):
+    """read_checkpoint; when `path` is missing, truncated or corrupt and the run's previous
+    checkpoint (<name>-prev.pt) is sound, the message says to use that one instead."""
+    try:
+        return read_checkpoint(path, kind, flag)
+    except UserError as err:
+        prev = previous_checkpoint(path)
+        if checkpoint_problem(path) is None or checkpoint_problem(prev) is not None:
+            raise
+        raise type(err)(f"{err}; the run's previous checkpoint is sound: {flag} {prev}") from None
+
+
+def resume_checkpoint(path, kind):
+    """The checkpoint --resume continues: `path`, or when that is missing, truncated or corrupt
+    (a kill between the two renames of a save, a copy cut short, a bad disk) the previous one,
+    saying so. Returns (checkpoint, the path it came from)."""
+    problem, prev = checkpoint_problem(path), previous_checkpoint(path)
+    if problem is None or not os.path.isfile(prev):
+        if not os.path.isfile(path):
+            raise MissingFileError(f"--resume: nothing to resume, '{path}' does not exist "
+                                   f"(start without --resume)")
+        return read_checkpoint(path, kind, "--resume"), path
+    try:
+        ckpt = read_checkpoint(prev, kind, "--resume")
+    except UserError as err:
+        raise UserError(f"checkpoint '{path}': {problem}; and the previous one: {err}") from None
+    print0(f"warning: checkpoint '{path}': {problem}; resuming from the previous checkpoint "
+           f"'{prev}' (step {ckpt['step']}) instead")
+    return ckpt, prev
+
+
+def prepare_run_folder(folder, resume, overwrite, holds, outputs, what, flag):
+    """Every rank, before anything is built: a finished or interrupted run is never replaced
+    silently. A folder holding files matching `holds` (glob patterns: its checkpoints) may only be
+    continued (--resume) or, with --overwrite, started again, which first deletes the files
+    matching `outputs` (what this stage writes; anything else in the folder stays). Stale temp
+    files of killed writes are removed in any case. Rank 0 changes the folder, then all wait."""
+    if resume and overwrite:
+        raise UserError(f"--resume continues the {what} in '{folder}', --overwrite starts it again: pass one")
+    found = [f for pattern in holds for f in sorted(glob.glob(os.path.join(folder, pattern)))]
+    if found and not (resume or overwrite):
+        raise UserError(f"'{folder}' already holds a {what} ({os.path.basename(found[0])}): pass --resume "
+                        f"to continue it, --overwrite to start it again (its files are deleted), or "
+                        f"another {flag}")
+    if is_rank0():
+        if overwrite:
+            for pattern in outputs:
+                for f in glob.glob(os.path.join(folder, pattern)):
+                    os.remove(f)
+        remove_stale_temps(folder)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def open_log(path, step):
+    """Open a run's log.jsonl for appending (rank 0), first dropping the lines of steps after
+    `step`, the step the run starts from: a resumed run writes them again, and a fresh run
+    (step 0) replaces a log whose run never reached a checkpoint. A line cut short by a kill is
+    dropped too."""
+    if os.path.isfile(path):
+        keep = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        with atomic_write(path, "w") as f:
+            f.writelines(keep)
+    return open(path, "a")
 
 
 def rng_state(device=torch.device("cpu")):
@@ -135,19 +387,28 @@ def set_rng_state(state, device=torch.device("cpu")):
     torch.set_rng_state(state["torch"])
     if device.type != "cpu":
         if "accelerator" not in state:
-            raise ValueError(f"checkpoint has no {device.type} RNG state (it was written on the CPU)")
+            raise UserError(f"checkpoint has no {device.type} RNG state (it was written on the CPU; "
+                            f"resume it with --device cpu)")
         getattr(torch, device.type).set_rng_state(state["accelerator"], device)
 
 
-def check_config(saved, current, what="checkpoint"):
-    """Raise ValueError if two flat config dicts differ, naming every differing field with both
-    values. Used to refuse resuming (or loading) a checkpoint written by another configuration."""
+def check_config(saved, current, what="checkpoint", may_change=()):
+    """Raise a UserError if two flat config dicts differ outside `may_change`, naming every
+    differing field with both values (one line). Used to refuse resuming (or loading) a checkpoint
+    written by another configuration. Returns the allowed changes, {field: (saved, current)}."""
     missing = "<absent>"
-    diff = [f"{k}: {what} has {saved.get(k, missing)!r}, this run has {current.get(k, missing)!r}"
-            for k in sorted(set(saved) | set(current)) if saved.get(k, missing) != current.get(k, missing)]
-    if diff:
-        raise ValueError(f"{what} was written with a different configuration; differing fields:\n  "
-                         + "\n  ".join(diff))
+    diff = {k: (saved.get(k, missing), current.get(k, missing)) for k in sorted(set(saved) | set(current))
+            if saved.get(k, missing) != current.get(k, missing)}
+    refused = [f"{k} ({what} has {a!r}, this run has {b!r})" for k, (a, b) in diff.items() if k not in may_change]
+    if refused:
+        raise UserError(f"{what} was written with a different configuration; differing fields: "
+                        + "; ".join(refused))
+    return diff
+
+
+def describe_changes(changes):
+    """{field: (old, new)} -> "lr 0.016 -> 0.001, iters 200 -> 400" (the line --resume prints)."""
+    return ", ".join(f"{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changes.items())
 
 
 # ---- EMA ----
@@ -190,8 +451,9 @@ class EMA:
 class NanGuard:
     """Decides whether an optimiser step may be taken: `ok(loss, grad_norm)` is False when any value
     is NaN or inf (on any rank: the decision is all-reduced so every rank skips together). Skipped
-    steps are counted (`skipped`); `max_in_a_row` consecutive skips raise RuntimeError, so the run
-    stops with its last checkpoint (written before the trouble) intact."""
+    steps are counted (`skipped`); `max_in_a_row` consecutive skips raise a UserError. The training
+    scripts write no checkpoint while `in_a_row` > 0, so the last checkpoint is from before the
+    trouble and --resume (with the lower --lr the message advises) starts from there."""
 
     def __init__(self, max_in_a_row=MAX_NONFINITE_IN_A_ROW):
         self.max_in_a_row, self.skipped, self.in_a_row = max_in_a_row, 0, 0
@@ -206,10 +468,10 @@ class NanGuard:
         self.skipped += 1
         self.in_a_row += 1
         if self.in_a_row >= self.max_in_a_row:
-            raise RuntimeError(f"{self.in_a_row} steps in a row had a NaN/inf loss or gradient norm "
-                               f"({self.skipped} skipped in total); stopping. The last checkpoint was "
-                               f"written before these steps: lower the learning rate or check the data, "
-                               f"then --resume.")
+            raise UserError(f"{self.in_a_row} steps in a row had a NaN/inf loss or gradient norm "
+                            f"({self.skipped} skipped in total); stopping. The last checkpoint was "
+                            f"written before these steps: lower the learning rate or check the data, "
+                            f"then --resume (--lr and the schedule may change on --resume).")
         return False
 
     def state_dict(self):
@@ -238,8 +500,8 @@ def save_image_grid(images, path, nrow=8, padding=2):
     for i in range(b):
         top, left = padding + (i // ncol) * (h + padding), padding + (i % ncol) * (w + padding)
         grid[:, top:top + h, left:left + w] = images[i]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    with atomic_write(path) as f:
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG")
 
 
 def use_bf16(precision, device):
@@ -261,24 +523,32 @@ def cosine_lr(step, base_lr, warmup_steps, total_steps, min_lr):
 
 # ---- tokenizer checkpoints ----
 
-def load_tokenizer(path, ema=True):
+def load_tokenizer(path, ema=True, flag="--tokenizer"):
     """Rebuild the tokenizer stored in a train_tok.py checkpoint: ckpt["config"] (the
     TokenizerConfig as a dict) -> model, then its EMA weights (ema=True, the default: the weights
     the paper evaluates) or raw weights. Latent mean/std buffers come with the weights.
+    A missing, corrupt or generator checkpoint is a UserError naming `flag`.
     Returns the model in eval mode on the CPU."""
     import tokenizer   # deferred: training.py is also used by stages that never build a tokenizer
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, "tokenizer", flag)
     known = {f.name for f in dataclasses.fields(tokenizer.TokenizerConfig)}
     unknown = sorted(set(ckpt["config"]) - known)
     if unknown:
-        raise ValueError(f"'{path}': config fields unknown to tokenizer.TokenizerConfig: {unknown}")
+        raise UserError(f"'{path}': config fields unknown to tokenizer.TokenizerConfig: {unknown}")
     model = tokenizer.SoftVQVAE(tokenizer.TokenizerConfig(**ckpt["config"]))
     key = "ema" if ema else "model"
     if key not in ckpt:
-        raise ValueError(f"'{path}' holds no '{key}' weights (keys: {sorted(ckpt)})")
+        raise UserError(f"'{path}' holds no '{key}' weights (keys: {sorted(ckpt)})")
     model.load_state_dict(ckpt[key])
     return model.eval()
+
+
+def weights_checksum(*modules):
+    """A number that changes when any weight changes: the float64 sum of every tensor, on the CPU
+    (so any device agrees). Output folders (samples, a latent cache) record it so that a model
+    retrained at the same path is never mixed with its old outputs."""
+    return sum(v.detach().cpu().double().sum().item() for m in modules for v in m.state_dict().values())
 
 
 def average_gradients(params):

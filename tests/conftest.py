@@ -27,3 +27,14 @@ def run_script(script, *argv):
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     finally:
         sys.argv = old
+
+
+def user_error(script, *argv):
+    """Run a script's command line in this process expecting a user error: training.run_main ends
+    it with SystemExit("error: <one line>"). Returns that line."""
+    import pytest
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(script, *argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message

@@ -1,10 +1,18 @@
 """Tests of data.py and training.py (CPU, tiny, seconds): built-in data, ImageFolder with a corrupt
-file, resumable sampling, atomic checkpoints, config refusal, RNG round trip, EMA, NaN guard,
-image grids, lr schedule, load_tokenizer."""
+file (named once, counted as a file), every PIL mode read as 8-bit RGB (16-bit scaled), resumable
+sampling, atomic checkpoints (the previous one kept, verification, kill points inside a write),
+wrong-kind checkpoints, run folders (--resume / --overwrite), log truncation, flag ranges, the
+one-line user errors, config refusal, RNG round trip, EMA, NaN guard, image grids, lr schedule,
+load_tokenizer."""
 
 import dataclasses
+import json
+import multiprocessing
 import os
 import random
+import struct
+import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -57,16 +65,85 @@ def test_imagefolder_skips_and_counts_corrupt(tmp_path, capsys):
     _write_tree(tmp_path)
     ds = data.ImageFolder(str(tmp_path), image_size=32, train=True)
     assert ds.classes == ["cat", "dog"] and len(ds) == 7             # the .txt is ignored
-    for i in range(len(ds)):
-        x, y = ds[i]
-        assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1 and y in (0, 1)
-    assert ds.skipped >= 1
-    assert "broken.jpg" in capsys.readouterr().out                   # the skip names the file
-    # through loader workers: counted in the main process too
+    for epoch in range(3):                                            # the bad file is drawn every epoch
+        for i in range(len(ds)):
+            x, y = ds[(i, f"{epoch}-{i}")]
+            assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1 and y in (0, 1)
+    assert ds.skipped == 1                                            # one distinct file, not 3 skips
+    assert capsys.readouterr().out.count("broken.jpg") == 1          # named once
+    # through loader workers (2 epochs, new workers each): counted in the main process, once
     ds2 = data.ImageFolder(str(tmp_path), image_size=32, train=False)
     loader = DataLoader(ds2, batch_size=7, num_workers=2)
-    x, y = next(iter(loader))
-    assert x.shape == (7, 3, 32, 32) and ds2.skipped >= 1
+    for _ in range(2):
+        x, y = next(iter(loader))
+    assert x.shape == (7, 3, 32, 32) and ds2.skipped == 1
+
+
+def _png16_rgb(path, rgb):
+    """A 16-bit-per-channel RGB PNG of one colour (PIL cannot write these)."""
+    arr = np.broadcast_to(np.array(rgb, dtype=">u2"), (40, 40, 3))
+    raw = b"".join(b"\x00" + row.tobytes() for row in arr)
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body)))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40, 40, 16, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _write_mode(path, mode):
+    """A flat 40x40 image file in PIL mode `mode`; returns the RGB it must read as (None: what
+    PIL's own .convert("RGB") gives for that file)."""
+    if mode == "P":
+        img = Image.new("P", (40, 40), 3)
+        img.putpalette([0, 0, 0] * 3 + [10, 200, 30] + [0, 0, 0] * 252)
+        img.save(path + ".png")
+        return path + ".png", (10, 200, 30)
+    if mode == "I;16":                               # a 16-bit grey PNG: 0..65535 -> 0..255
+        Image.fromarray(np.full((40, 40), 32768, np.uint16)).save(path + ".png")
+        return path + ".png", (128, 128, 128)
+    if mode == "I;16B":
+        Image.new("I;16B", (40, 40), 65535).save(path + ".tif")
+        return path + ".tif", (255, 255, 255)
+    if mode == "I":                                  # PIL opens 16-bit PGM files as mode I
+        with open(path + ".pgm", "wb") as f:
+            f.write(b"P5 40 40 65535\n" + np.full(1600, 1000, dtype=">u2").tobytes())
+        return path + ".pgm", (4, 4, 4)
+    if mode == "RGB;16":
+        _png16_rgb(path + ".png", (0x8000, 0xFFFF, 0x00FF))
+        return path + ".png", (128, 255, 0)
+    colour, expected, ext = {"1": (1, (255, 255, 255), "png"), "L": (77, (77, 77, 77), "png"),
+                             "LA": ((77, 0), (77, 77, 77), "png"),               # alpha dropped
+                             "RGB": ((10, 20, 30), (10, 20, 30), "png"),
+                             "RGBA": ((10, 20, 30, 0), (10, 20, 30), "png"),    # not composited
+                             "CMYK": ((0, 255, 255, 0), None, "tif"), "YCbCr": ((76, 85, 255), None, "tif"),
+                             "LAB": ((50, 20, 200), None, "tif"), "F": (100.0, (100, 100, 100), "tif")}[mode]
+    Image.new(mode, (40, 40), colour).save(f"{path}.{ext}")
+    return f"{path}.{ext}", expected
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "F",
+                                  "I;16", "I;16B", "I", "RGB;16"])
+def test_every_image_mode_reads_as_8_bit_rgb(tmp_path, mode):
+    """ImageFolder reads every mode as torchvision / ADM (.convert("RGB")), 16-bit scaled to 8 bits
+    (a 16-bit PNG read by .convert alone is nearly white: 32768 -> 255)."""
+    (tmp_path / "c").mkdir()
+    path, expected = _write_mode(str(tmp_path / "c" / "img"), mode)
+    if expected is None:
+        expected = Image.open(path).convert("RGB").getpixel((0, 0))
+    x, _ = data.ImageFolder(str(tmp_path), image_size=32, train=False)[0]
+    pixels = ((x + 1) * 127.5).round().flatten(1)                     # (3, 32 * 32), flat image
+    assert (pixels == pixels[:, :1]).all()
+    assert np.abs(pixels[:, 0].numpy() - np.array(expected)).max() <= 1, (pixels[:, 0], expected)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    (tmp_path / "c").mkdir()
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "c" / "ramp.png")
+    x = data.open_rgb(str(tmp_path / "c" / "ramp.png"))
+    assert x.mode == "RGB"
+    grey = np.asarray(x)[..., 0].astype(float)
+    assert np.abs(grey - ramp / 257).max() <= 0.5 and abs(grey.mean() - 127.5) < 1
 
 
 def test_crops():
@@ -114,18 +191,182 @@ def test_atomic_save_and_load(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         training.save_checkpoint(path, {"w": torch.zeros(5)})
     assert torch.equal(training.load_checkpoint(path)["w"], state["w"])  # old checkpoint intact
-    assert os.listdir(tmp_path) == ["ckpt.pt"]                             # no temp file left
+    assert os.listdir(tmp_path) == ["ckpt.pt"]                             # no temp file left, no rotation
     with pytest.raises(FileNotFoundError):
         training.load_checkpoint(str(tmp_path / "none.pt"))
 
 
 def test_config_mismatch_names_fields():
     cfg = {"lr": 1e-4, "tokens": 64, "preset": "L"}
-    training.check_config(cfg, dict(cfg))
-    with pytest.raises(ValueError) as err:
+    assert training.check_config(cfg, dict(cfg)) == {}
+    with pytest.raises(training.UserError) as err:
         training.check_config(cfg, {**cfg, "lr": 2e-4, "tokens": 32, "extra": 1}, "my ckpt")
     msg = str(err.value)
     assert "my ckpt" in msg and "lr" in msg and "tokens" in msg and "extra" in msg and "preset" not in msg
+    assert "\n" not in msg                                           # one line
+    # fields that may change on --resume are returned, the others still refused
+    changes = training.check_config(cfg, {**cfg, "lr": 2e-4}, may_change={"lr"})
+    assert changes == {"lr": (1e-4, 2e-4)} and training.describe_changes(changes) == "lr 0.0001 -> 0.0002"
+    with pytest.raises(training.UserError, match="tokens") as err:
+        training.check_config(cfg, {**cfg, "lr": 2e-4, "tokens": 32}, may_change={"lr"})
+    assert "lr" not in str(err.value).split("fields:")[1]
+
+
+# ---- checkpoints: the previous one kept, verification, kinds ----
+
+def _flip_byte(path, where=0.5):
+    raw = bytearray(open(path, "rb").read())
+    raw[int(len(raw) * where)] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+def test_checkpoint_keeps_previous_and_verifies(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    prev = str(tmp_path / "ckpt-prev.pt")
+    for step in (1, 2, 3):
+        training.save_checkpoint(path, {"w": torch.full((4096,), float(step)), "step": step})
+    assert training.load_checkpoint(path)["step"] == 3 and training.load_checkpoint(prev)["step"] == 2
+    assert training.checkpoint_problem(path) is None
+    # a flipped byte in the tensor data: torch.load alone would return wrong weights silently
+    _flip_byte(path)
+    assert "corrupt" in training.checkpoint_problem(path)
+    with pytest.raises(training.UserError) as err:
+        training.load_checkpoint(path, flag="--ckpt")
+    msg = str(err.value)
+    assert path in msg and "corrupt" in msg and f"--ckpt {prev}" in msg      # names the file to use
+    # a corrupt checkpoint is not kept as the fallback: the next save replaces it, prev stays
+    training.save_checkpoint(path, {"w": torch.full((4096,), 4.0), "step": 4})
+    assert training.load_checkpoint(path)["step"] == 4 and training.load_checkpoint(prev)["step"] == 2
+    # a file cut short (a copy interrupted): named, with what is wrong
+    with open(path, "rb") as f:
+        head = f.read(1000)
+    open(path, "wb").write(head)
+    with pytest.raises(training.UserError, match="truncated") as err:
+        training.load_checkpoint(path)
+    assert path in str(err.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        training.load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
+    path, prev = str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt-prev.pt")
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        training.resume_checkpoint(path, None)
+    for step in (1, 2):
+        training.save_checkpoint(path, {"kind": "tokenizer", "config": {}, "step": step, "w": torch.ones(4096)})
+    assert training.resume_checkpoint(path, "tokenizer")[0]["step"] == 2
+    _flip_byte(path, 0.3)
+    ckpt, used = training.resume_checkpoint(path, "tokenizer")
+    assert ckpt["step"] == 1 and used == prev
+    out = capsys.readouterr().out
+    assert path in out and "resuming from the previous checkpoint" in out and prev in out
+    os.remove(path)                          # killed between the two renames of a save
+    assert training.resume_checkpoint(path, "tokenizer")[1] == prev
+    _flip_byte(prev)
+    with pytest.raises(training.UserError, match="previous one"):
+        training.resume_checkpoint(path, "tokenizer")
+
+
+def test_wrong_kind_of_checkpoint_is_named(tmp_path):
+    tok, gen, legacy = (str(tmp_path / f"{n}.pt") for n in ("tok", "gen", "legacy"))
+    training.save_checkpoint(tok, {"kind": "tokenizer", "config": {"image_size": 32}})
+    training.save_checkpoint(gen, {"kind": "generator", "config": {"arch": "sit"}})
+    training.save_checkpoint(legacy, {"config": {"arch": "sit"}})          # written before "kind" existed
+    with pytest.raises(training.UserError) as err:
+        training.load_checkpoint(tok, "generator", "--ckpt")
+    assert str(err.value) == (f"'{tok}': this is a tokenizer checkpoint; --ckpt needs a generator "
+                              f"checkpoint (from train_gen.py)")
+    with pytest.raises(training.UserError, match="this is a generator checkpoint; --tokenizer needs a "
+                                                 r"tokenizer checkpoint \(from train_tok.py\)"):
+        training.load_tokenizer(gen)
+    with pytest.raises(training.UserError, match="this is a generator checkpoint"):
+        training.load_tokenizer(legacy, flag="--ckpt")
+    assert training.load_checkpoint(legacy, "generator")["config"] == {"arch": "sit"}
+
+
+def _write_and_die(path, point):
+    os.environ[training.KILL_ENV] = f"ckpt.pt:2:{point}"
+    training.save_checkpoint(path, {"w": torch.ones(100000), "step": 1})       # 1st write: not hit
+    training.save_checkpoint(path, {"w": torch.zeros(100000), "step": 2})      # 2nd: killed in it
+    os._exit(0)                                                                # not reached
+
+
+@pytest.mark.parametrize("point", training.KILL_POINTS)
+def test_kill_inside_a_checkpoint_write(tmp_path, point):
+    """SOFTVQ_KILL_IN_WRITE kills the process (SIGKILL) at the named point of its n-th write: what
+    it leaves is what a kill -9 there would leave, and the step-1 checkpoint always survives."""
+    path = str(tmp_path / "ckpt.pt")
+    child = multiprocessing.get_context("fork").Process(target=_write_and_die, args=(path, point))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9
+    temps = [f for f in os.listdir(tmp_path) if ".pt.tmp" in f]
+    assert len(temps) == 1
+    size = os.path.getsize(tmp_path / temps[0])
+    full = os.path.getsize(path if point != "rotate" else tmp_path / "ckpt-prev.pt")
+    assert {"start": size == 0, "middle": 0 < size < full, "end": size >= full * 0.99,
+            "rotate": not os.path.exists(path)}[point]
+    ckpt, _ = training.resume_checkpoint(path, None)
+    assert ckpt["step"] == 1
+    training.remove_stale_temps(str(tmp_path))
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+# ---- run folders, logs, flags, one-line errors ----
+
+def test_prepare_run_folder_refuses_overwrite_unless_asked(tmp_path):
+    folder = str(tmp_path / "run")
+    kwargs = dict(holds=("ckpt.pt", "ckpt-prev.pt"), outputs=("ckpt*.pt", "log.jsonl"), what="run", flag="--name")
+    training.prepare_run_folder(folder, False, False, **kwargs)           # nothing there: fine
+    os.makedirs(folder)
+    for name in ("ckpt.pt", "log.jsonl", "notes.txt", "ckpt.pt.tmp1234"):
+        open(os.path.join(folder, name), "w").close()
+    with pytest.raises(training.UserError, match="already holds a run .ckpt.pt.: pass --resume"):
+        training.prepare_run_folder(folder, False, False, **kwargs)
+    with pytest.raises(training.UserError, match="pass one"):
+        training.prepare_run_folder(folder, True, True, **kwargs)
+    training.prepare_run_folder(folder, True, False, **kwargs)            # --resume keeps the files
+    assert sorted(os.listdir(folder)) == ["ckpt.pt", "log.jsonl", "notes.txt"]   # stale temp removed
+    training.prepare_run_folder(folder, False, True, **kwargs)            # --overwrite deletes its own
+    assert os.listdir(folder) == ["notes.txt"]
+
+
+def test_open_log_drops_lines_past_the_checkpoint(tmp_path):
+    path = str(tmp_path / "log.jsonl")
+    with open(path, "w") as f:
+        f.write("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 6)))
+        f.write('{"step": 6, "lo')                                      # cut short by a kill
+    with training.open_log(path, 3) as f:
+        f.write(json.dumps({"step": 4}) + "\n")
+    assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3, 4]
+    training.open_log(path, 0).close()                                   # a fresh run
+    assert open(path).read() == ""
+
+
+def test_check_flags():
+    ranges = {"iters": "> 0", "warmup": ">= 0", "ema": "in [0, 1)", "t": "in [0, 1]", "betas": "in [0, 1)"}
+    training.check_flags(SimpleNamespace(iters=1, warmup=0, ema=0.0, t=1.0, betas=[0.9, 0.95]), ranges)
+    training.check_flags(SimpleNamespace(iters=None), ranges)             # unset and absent flags pass
+    for bad, message in ((dict(iters=0), "--iters must be > 0 (got 0)"), (dict(iters=-3), "--iters must be > 0"),
+                         (dict(warmup=-1), "--warmup must be >= 0"), (dict(ema=1.0), "--ema must be in [0, 1)"),
+                         (dict(ema=1.5), "got 1.5"), (dict(t=1.01), "--t must be in [0, 1]"),
+                         (dict(betas=[0.9, 1.0]), "--betas"), (dict(iters=float("nan")), "--iters"),
+                         (dict(warmup=float("inf")), "--warmup")):
+        with pytest.raises(training.UserError, match=message.replace("[", r"\[").replace("(", r"\(")
+                           .replace(")", r"\)")):
+            training.check_flags(SimpleNamespace(**bad), ranges)
+
+
+def test_run_main_prints_user_errors_as_one_line(capsys):
+    def user():
+        raise training.UserError("--lr must be > 0 (got 0.0)")
+    with pytest.raises(SystemExit) as exit_info:
+        training.run_main(user)
+    assert exit_info.value.code == "error: --lr must be > 0 (got 0.0)"      # stderr, exit status 1
+    with pytest.raises(SystemExit, match="No such file"):
+        training.run_main(lambda: open("/nonexistent/x.json"))            # a wrong path: named
+    with pytest.raises(ZeroDivisionError):                               # a bug keeps its traceback
+        training.run_main(lambda: 1 / 0)
 
 
 def test_rng_round_trip():
@@ -166,7 +407,7 @@ def test_nan_guard():
     assert guard.skipped == 2 and guard.in_a_row == 0
     guard.ok(torch.tensor(float("nan")))
     guard.ok(torch.tensor(float("nan")))
-    with pytest.raises(RuntimeError, match="3 steps in a row"):
+    with pytest.raises(training.UserError, match="3 steps in a row"):   # run_main: one line, no traceback
         guard.ok(torch.tensor(float("inf")))
 
 

@@ -238,10 +238,10 @@ def test_generation_metrics_end_to_end(tmp_path, monkeypatch, capsys):
     # the stats subcommand writes the reference statistics; FID against them = against the images
     monkeypatch.setattr(E, "load_inception", lambda path, device: fake)
     stats = str(tmp_path / "stats.npz")
-    E.main(SimpleNamespace(command="stats", source=other, out=stats, inception=None, batch_size=16))
+    E.main(SimpleNamespace(device="cpu", command="stats", source=other, out=stats, inception=None, batch_size=16))
     vs_images = E.generation_metrics(samples, other, ("fid",), fake, batch_size=16)["fid"]
     out = str(tmp_path / "fid.json")
-    E.main(SimpleNamespace(command="fid", samples=samples, ref=stats, inception=None, batch_size=16,
+    E.main(SimpleNamespace(device="cpu", command="fid", samples=samples, ref=stats, inception=None, batch_size=16,
                            out=out))
     assert vs_images > 1e-3 and f"fid: {vs_images:.6g}" in capsys.readouterr().out
     with open(out) as f:
@@ -323,7 +323,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_recon_reports_what_needs_no_weights(tiny_ckpt, tmp_path, monkeypatch, capsys):
-    args = SimpleNamespace(command="recon", ckpt=tiny_ckpt, released=None, data_path="builtin",
+    args = SimpleNamespace(device="cpu", command="recon", ckpt=tiny_ckpt, released=None, data_path="builtin",
                            num_images=10, batch_size=4, num_workers=0,
                            inception=str(tmp_path / E.INCEPTION_FILE), vgg=str(tmp_path / E.VGG_FILE),
                            out=str(tmp_path / "recon.json"), grid=str(tmp_path / "grid.png"), grid_images=4)
@@ -346,7 +346,7 @@ def test_recon_reports_what_needs_no_weights(tiny_ckpt, tmp_path, monkeypatch, c
 
 
 def test_linear_probe_subcommand(tiny_ckpt, tmp_path):
-    args = SimpleNamespace(command="linear-probe", ckpt=tiny_ckpt, released=None, sit=None, train_path="builtin",
+    args = SimpleNamespace(device="cpu", command="linear-probe", ckpt=tiny_ckpt, released=None, sit=None, train_path="builtin",
                            val_path="builtin", max_train_images=40, max_val_images=20, pool="mean",
                            epochs=2, probe_batch_size=16, lr=0.003, weight_decay=0.0, batch_size=20,
                            num_workers=0, out=str(tmp_path / "probe.json"))
@@ -386,7 +386,7 @@ def test_linear_probe_of_sit_features(tiny_ckpt, tmp_path):
     training.save_checkpoint(path, {"config": dataclasses.asdict(sit.config), "model": sit.state_dict(),
                                     "ema": sit.state_dict(), "tokenizer": tiny_ckpt,
                                     "latent_mean": 0.1, "latent_std": 2.0})
-    args = SimpleNamespace(command="linear-probe", ckpt=None, released=None, sit=path, layer=1, t=0.0,
+    args = SimpleNamespace(device="cpu", command="linear-probe", ckpt=None, released=None, sit=path, layer=1, t=0.0,
                            train_path="builtin", val_path="builtin", max_train_images=40, max_val_images=20,
                            pool="mean", epochs=2, probe_batch_size=16, lr=0.003, weight_decay=0.0,
                            batch_size=20, num_workers=0, out=str(tmp_path / "probe.json"))
@@ -416,7 +416,7 @@ def test_flops_meta_count_equals_a_real_forward():
 
 
 def test_throughput_counts_cfg_forwards(capsys):
-    E.main(SimpleNamespace(command="throughput", models=["SiT-tiny", "DiT-tiny"], tokens=[64],
+    E.main(SimpleNamespace(device="cpu", command="throughput", models=["SiT-tiny", "DiT-tiny"], tokens=[64],
                            batch=2, steps=2, train_steps=1, dtype="fp32"))
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     # SiT SDE, 2 steps at t = 1 and 0.04: CFG (doubled batch) only inside [0, 0.7] -> 1 + 2 rows

@@ -1,7 +1,9 @@
 """Tests of train_gen.py (CPU, tiny models, seconds each):
 latent caching (image + flip, labels, mean / std over the whole set, a tokenizer's own statistics
-win), the normalisation round trip, exact resume (cache and on-the-fly), and a 2-process gloo
-torchrun run of caching + training (MAR-tiny: warm-up and grad clipping)."""
+win; an interrupted cache resumed keeping its finished shards, a finished one never replaced
+silently), the normalisation round trip, exact resume (cache and on-the-fly; the schedule may
+change, the batch may not), and a 2-process gloo torchrun run of caching + training (MAR-tiny:
+warm-up and grad clipping)."""
 
 import dataclasses
 import os
@@ -11,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -107,6 +109,39 @@ def test_tokenizer_statistics_are_used_as_is(tmp_path):
     assert meta["measured_std"] != 2.0
 
 
+def test_interrupted_cache_resumes_keeping_finished_shards(tmp_path, capsys):
+    """Killed (SIGKILL) in the middle of writing its 2nd shard of 16 images, the cache resumes with
+    --resume: shard 0 is kept (not re-encoded), the rest is written, and every file equals the
+    uninterrupted cache's; a finished cache is never replaced without --overwrite."""
+    save_tokenizer(tmp_path / "tok.pt")
+    args = (*cache_args(tmp_path / "tok.pt", tmp_path / "ref"), "--shard-images", 16)
+    run_cli(*args)
+    ref = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert len([n for n in ref if n.endswith("-latents.npy")]) == 3            # 40 images: 16 + 16 + 8
+    killed = [a if a != tmp_path / "ref" else tmp_path / "cut" for a in args]
+    env = {**os.environ, training.KILL_ENV: "*-latents.npy:2:middle"}
+    r = subprocess.run([sys.executable, "train_gen.py", *map(str, killed)], cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == -9
+    cut = tmp_path / "cut"
+    assert (cut / "r000-s0000-latents.npy").is_file() and not (cut / "r000-s0001-latents.npy").exists()
+    assert not (cut / "meta.json").exists() and any(".tmp" in p.name for p in cut.iterdir())
+    kept = (cut / "r000-s0000-latents.npy").stat().st_mtime_ns
+    assert "--resume to continue it" in user_error("train_gen.py", *killed)       # not silently restarted
+    run_cli(*killed, "--resume")
+    assert "kept 1 finished shards" in capsys.readouterr().out
+    assert (cut / "r000-s0000-latents.npy").stat().st_mtime_ns == kept
+    assert sorted(p.name for p in cut.iterdir()) == ref                         # temp file removed
+    for name in ref:
+        assert (cut / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    run_cli(*killed, "--resume")                                                # complete: nothing to do
+    assert "is complete: nothing to do" in capsys.readouterr().out
+    assert "already holds a latent cache" in user_error("train_gen.py", *killed)
+    message = user_error("train_gen.py", *killed, "--resume", "--builtin-size", 48)   # other settings
+    assert "num_images" in message
+    run_cli(*killed, "--overwrite", "--shard-images", 40)
+    assert sorted(p.name for p in cut.glob("*-latents.npy")) == ["r000-s0000-latents.npy"]
+
+
 def load_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -122,7 +157,7 @@ def assert_same_state(a, b):
 
 
 @pytest.mark.parametrize("source", ["cache", "on-the-fly"])
-def test_resume_is_bit_identical(cached, tmp_path, source):
+def test_resume_is_bit_identical(cached, tmp_path, source, capsys):
     tmp, _ = cached
     data_flags = (("--cache-dir", tmp / "cache") if source == "cache" else
                   ("--on-the-fly", "--tokenizer", tmp / "tok.pt", "--data-path", "builtin", "--builtin-size", IMAGES))
@@ -140,9 +175,12 @@ def test_resume_is_bit_identical(cached, tmp_path, source):
     torch.manual_seed(0)
     init = generators.make_generator("SiT-tiny", TOKENS, DIM, num_classes=10).state_dict()
     assert any(not torch.equal(v, a["model"][k]) for k, v in init.items())
-    # a resume with other settings is refused
-    with pytest.raises(ValueError, match="lr"):
-        run_cli(*common, "--out", tmp_path / "b", "--resume", "--lr", 0.5)
+    # a resume with another batch or seed is refused, naming the fields; the schedule may change
+    message = user_error("train_gen.py", *common, "--out", tmp_path / "b", "--resume", "--batch-size", 4, "--seed", 1)
+    assert "batch_size" in message and "seed" in message
+    run_cli(*common, "--out", tmp_path / "b", "--resume", "--lr", 0.5, "--steps", 7)
+    assert "--resume with changed settings: lr 0.001 -> 0.5, steps 6 -> 7" in capsys.readouterr().out
+    assert load_state(tmp_path / "b" / "ckpt.pt")["step"] == 7
 
 
 def test_bf16_autocast_path_runs_on_cpu(cached, tmp_path, capsys):

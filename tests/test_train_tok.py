@@ -1,7 +1,9 @@
 """Tests of train_tok.py (CPU, tiny preset, random stand-ins for VGG/DINO/DINOv2 so that every loss
 term runs without downloads): exact resume, config refusal, a 2-process gloo torchrun run, the README
-command, refusal of the full preset without pretrained files, and the loss pieces against their
-literal definitions."""
+command, refusal of the full preset without pretrained files, run folders never replaced silently
+(--resume / --overwrite, renamed folders, schedule changes, the log), the previous checkpoint as
+the fallback of a damaged one, the NaN stop and its advice, flag ranges, and the loss pieces
+against their literal definitions."""
 
 import json
 import os
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 import tokenizer
 import train_tok
 import training
+from conftest import run_script, user_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every term on from step 1: discriminator from step 1, LPIPS warm-up 2 steps, batch 2
@@ -63,9 +66,10 @@ def test_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(s, t) for s, t in zip(a["opt"]["state"][0].values(), b["opt"]["state"][0].values()))
     assert a["step"] == b["step"] == 4 and torch.equal(a["lecam_ema"], b["lecam_ema"])
 
-    # resuming with another configuration is refused, naming the field
-    code, _, err = run(FAST + ["--name", "killed", "--resume", "--disc-weight", "0.3"], tmp_path, check=False)
-    assert code != 0 and "disc_weight" in err
+    # resuming with another model configuration is refused, naming the field, in one line
+    code, _, err = run(FAST + ["--name", "killed", "--resume", "--proj-dim", "32"], tmp_path, check=False)
+    assert code == 1 and err.strip().splitlines() == [err.strip()] and "proj_dim" in err
+    assert "Traceback" not in err
 
 
 def test_torchrun_two_ranks_identical_weights(tmp_path):
@@ -300,3 +304,116 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_last_layer():
     assert train_tok.adaptive_weight(last.weight.sum() * 1e9, last.weight.sum() * 0, last.weight) == 1e4
     (rec + lam * adv).backward()                        # the graph survives (retain_graph)
     assert first.weight.grad is not None
+
+
+# ---- run folders, resume changes, damaged checkpoints, the NaN stop, flags (in this process) ----
+# the tiny preset without pretrained files (recon + quantizer terms: fast), batch 2
+BARE = ["--preset", "tiny", "--batch", "2", "--log-every", "1", "--num-workers", "0"]
+
+
+def tok_cli(out_dir, *argv):
+    run_script("train_tok.py", *BARE, "--out-dir", out_dir, *argv)
+
+
+def steps_logged(folder):
+    return [r["step"] for r in read_log(folder / "log.jsonl")]
+
+
+@pytest.fixture
+def bare_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))        # no pretrained files here
+    return tmp_path
+
+
+def test_run_folder_is_never_replaced_silently(bare_home, capsys):
+    tmp_path = bare_home
+    tok_cli(tmp_path, "--name", "a", "--iters", 4, "--ckpt-every", 2)
+    first = (tmp_path / "a" / "ckpt.pt").read_bytes()
+    assert training.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))["kind"] == "tokenizer"
+    assert training.load_checkpoint(str(tmp_path / "a" / "ckpt-prev.pt"))["step"] == 2   # kept
+    # the same command again: refused in one line, the finished run untouched
+    message = user_error("train_tok.py", *BARE, "--out-dir", tmp_path, "--name", "a", "--iters", 4)
+    assert "already holds a tokenizer run (ckpt.pt)" in message and "--resume" in message and "--overwrite" in message
+    assert (tmp_path / "a" / "ckpt.pt").read_bytes() == first and steps_logged(tmp_path / "a") == [1, 2, 3, 4]
+    # a renamed run folder resumes, with a longer schedule and a lower lr (said in one line); the
+    # log drops the lines written after the checkpoint (one cut short by a kill too), and the temp
+    # file of a killed checkpoint write is removed
+    b = tmp_path / "b"
+    os.rename(tmp_path / "a", b)
+    with open(b / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "recon": 1.0}) + "\n" + '{"step": 6, "rec')
+    (b / "ckpt.pt.tmp4242").write_bytes(first[:1000])
+    capsys.readouterr()
+    tok_cli(tmp_path, "--name", "b", "--iters", 6, "--resume", "--lr", 0.008)
+    assert "--resume with changed settings: iters 4 -> 6, lr 0.016 -> 0.008" in capsys.readouterr().out
+    assert steps_logged(b) == [1, 2, 3, 4, 5, 6] and not (b / "ckpt.pt.tmp4242").exists()
+    ckpt = training.load_checkpoint(str(b / "ckpt.pt"))
+    assert ckpt["step"] == 6 and ckpt["train_config"]["lr"] == 0.008 and "name" not in ckpt["train_config"]
+    # what defines the model, the seed and the batch may not change
+    message = user_error("train_tok.py", *BARE, "--out-dir", tmp_path, "--name", "b", "--iters", 6, "--resume",
+                         "--lr", 0.008, "--seed", 1, "--ema", 0.9)
+    assert "seed" in message and "ema" in message and "lr" not in message.split("fields:")[1]
+    # --overwrite starts again: the run's own files are replaced, nothing else is touched
+    (b / "notes.txt").write_text("mine")
+    tok_cli(tmp_path, "--name", "b", "--iters", 2, "--overwrite")
+    assert steps_logged(b) == [1, 2] and not (b / "ckpt-prev.pt").exists()
+    assert sorted(p.name for p in b.glob("recon_*.png")) == ["recon_0000002.png"]
+    assert (b / "notes.txt").read_text() == "mine"
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(bare_home, capsys):
+    tmp_path = bare_home
+    tok_cli(tmp_path, "--name", "straight", "--iters", 4, "--ckpt-every", 2)
+    tok_cli(tmp_path, "--name", "damaged", "--iters", 4, "--ckpt-every", 2)
+    path = tmp_path / "damaged" / "ckpt.pt"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF                                           # one flipped bit in the weights
+    path.write_bytes(bytes(raw))
+    with pytest.raises(training.UserError, match="corrupt") as err:       # loading names the fallback
+        training.load_tokenizer(str(path), flag="--ckpt")
+    assert str(path) in str(err.value) and f"--ckpt {tmp_path / 'damaged' / 'ckpt-prev.pt'}" in str(err.value)
+    capsys.readouterr()
+    tok_cli(tmp_path, "--name", "damaged", "--iters", 4, "--ckpt-every", 2, "--resume")
+    out = capsys.readouterr().out
+    assert "is corrupt" in out and "resuming from the previous checkpoint" in out and "(step 2)" in out
+    a, b = (training.load_checkpoint(str(tmp_path / n / "ckpt.pt")) for n in ("straight", "damaged"))
+    assert b["step"] == 4 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert steps_logged(tmp_path / "damaged") == [1, 2, 3, 4]
+
+
+def test_nan_stop_keeps_the_checkpoint_before_and_resume_may_lower_the_lr(bare_home, capsys):
+    """lr 1e30 blows the weights up after step 4; steps 5-24 are NaN and skipped, and the 20th in a
+    row stops the run. Checkpoints due at steps 5, 10, 15, 20 wait for a good step, so the last one
+    is still step 3's, and --resume --lr (as the message advises) continues from there."""
+    tmp_path = bare_home
+    common = ["--name", "n", "--iters", 30, "--warmup", 0]
+    tok_cli(tmp_path, *common, "--stop-at", 3)
+    message = user_error("train_tok.py", *BARE, "--out-dir", tmp_path, *common, "--resume", "--lr", 1e30,
+                         "--ckpt-every", 5)
+    assert "20 steps in a row had a NaN/inf loss" in message and "then --resume" in message
+    ckpt = training.load_checkpoint(str(tmp_path / "n" / "ckpt.pt"))
+    assert ckpt["step"] == 3 and ckpt["nan_guard"]["skipped"] == 0
+    capsys.readouterr()
+    tok_cli(tmp_path, *common, "--resume", "--lr", 0.001)
+    assert "--resume with changed settings: lr 0.016 -> 0.001" in capsys.readouterr().out
+    logs = read_log(tmp_path / "n" / "log.jsonl")
+    assert [r["step"] for r in logs] == list(range(1, 31))              # the NaN steps' lines dropped
+    assert all(r["nan_skipped"] == 0 and r["loss"] == r["loss"] for r in logs)
+
+
+@pytest.mark.parametrize("flag, value, rule", [
+    ("--batch", 0, "--global-batch must be > 0"), ("--ckpt-every", 0, "--ckpt-every must be > 0"),
+    ("--log-every", 0, "--log-every must be > 0"), ("--lr", 0, "--lr must be > 0"),
+    ("--ema", 1.5, "--ema must be in [0, 1)"), ("--iters", 0, "--iters must be > 0"),
+    ("--iters", -5, "--iters must be > 0"), ("--micro-batch", 0, "--micro-batch must be > 0"),
+    ("--warmup", -1, "--warmup must be >= 0"), ("--beta2", 1.0, "--beta2 must be in [0, 1)"),
+    ("--disc-weight", -0.1, "--disc-weight must be >= 0"), ("--stop-at", 0, "--stop-at must be > 0")])
+def test_numeric_flags_are_refused_out_of_range(tmp_path, flag, value, rule):
+    assert rule in user_error("train_tok.py", "--preset", "tiny", "--out-dir", tmp_path, flag, value)
+    assert not os.listdir(tmp_path)                                     # nothing started
+
+
+def test_bad_flag_values_of_the_model_are_one_line(tmp_path):
+    assert "--image-size 30" in user_error("train_tok.py", "--preset", "tiny", "--image-size", 30,
+                                           "--out-dir", tmp_path, "--iters", 1)
+    assert "nothing to resume" in user_error("train_tok.py", "--preset", "tiny", "--out-dir", tmp_path, "--resume")
