@@ -360,7 +360,8 @@ LOSS_TERMS = ("loss", "recon", "lpips", "align", "codebook", "commit", "grad_nor
 def test_micro_batches_give_the_same_update():
     """--micro-batch 1 at batch 4 (4 accumulated gradients) = the whole batch at once: the same
     losses and gradient norm (Adam's update would hide a wrong gradient scale, the norm does not)
-    and weights after one step equal to fp32 rounding (1e-6; the update itself is ~0.016)."""
+    and weights after one step equal to fp32 rounding: to 1e-5, where Adam's first update is ~lr =
+    0.016 along sign(g), so a wrong gradient moves weights by ~0.016."""
     whole, micro = trainer(*EQUIVALENT), trainer(*EQUIVALENT, "--micro-batch", "1")
     assert (whole.micro, micro.micro) == (4, 1)
     x = images()
@@ -372,13 +373,14 @@ def test_micro_batches_give_the_same_update():
     moved = max((p.detach() - init[n]).abs().max().item() for n, p in whole.gen.named_parameters())
     assert moved > 0.01
     for (n, p), q in zip(whole.gen.named_parameters(), micro.gen.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=n)
 
 
 def test_two_ranks_give_the_same_update_as_one(tmp_path):
     """2 gloo ranks x 2 images (each as 2 micro-batches: DDP's no_sync path) = 1 rank x 4 images,
     the same 4 (the sampler deals one global order): same logged losses and gradient norm, and
-    weights, EMA and Adam moments after one step equal to fp32 rounding."""
+    weights (to 1e-5; the update is ~0.016), EMA and Adam moments after one step equal to fp32
+    rounding."""
     flags = ["--preset", "tiny", "--batch", "4", "--iters", "1", "--fake-pretrained", "--log-every", "1",
              "--device", "cpu", *EQUIVALENT]
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
@@ -392,7 +394,7 @@ def test_two_ranks_give_the_same_update_as_one(tmp_path):
     one, two = (training.load_checkpoint(str(tmp_path / n / "ckpt.pt")) for n in ("one", "two"))
     for key in ("model", "ema", "projector"):
         for k, v in one[key].items():
-            torch.testing.assert_close(two[key][k], v, rtol=0, atol=1e-6, msg=f"{key}.{k}")
+            torch.testing.assert_close(two[key][k], v, rtol=0, atol=1e-5, msg=f"{key}.{k}")
     for i, moments in one["opt"]["state"].items():          # 0.1 g and 0.05 g^2: the gradients
         for name in ("exp_avg", "exp_avg_sq"):
             scale = moments[name].abs().max().item()
