@@ -110,6 +110,16 @@ def test_tokenizer_statistics_are_used_as_is(tmp_path):
     assert meta["measured_std"] != 2.0
 
 
+def test_the_tokenizer_is_read_with_its_ema_weights(tmp_path):
+    """Latents are encoded (cached or on the fly) by the tokenizer's EMA weights, not its live ones."""
+    tok = save_tokenizer(tmp_path / "tok.pt")
+    ckpt = training.load_checkpoint(str(tmp_path / "tok.pt"))
+    live = {k: v + 0.05 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    training.save_checkpoint(str(tmp_path / "tok.pt"), dict(ckpt, model=live))
+    loaded = train_gen.load_any_tokenizer(str(tmp_path / "tok.pt")).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in tok.state_dict().items())
+
+
 def load_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
