@@ -51,6 +51,7 @@ import resource
 import time
 import warnings
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -444,8 +445,9 @@ def hub_file(name):
     return os.path.join(torch.hub.get_dir(), "checkpoints", name)
 
 
-def main(args):
-    # ---- presets and defaults ----
+def resolve(args):
+    """Fill the flags left unset (None) with the preset's defaults; --benchmark implies
+    --fake-pretrained. Returns args."""
     preset_defaults = TINY_DEFAULTS if args.preset == "tiny" else FULL_DEFAULTS
     for k, v in preset_defaults.items():
         if getattr(args, k) is None:
@@ -461,13 +463,19 @@ def main(args):
     del args.teacher_size
     args.teacher = args.teacher or DEFAULT_TEACHER
     training.check_flags(args, FLAG_RANGES)
+    return args
 
-    # ---- distributed setup ----
+
+def main(args):
     with training.distributed(args.device) as (rank, _, world, device):
-        run(args, rank, world, device)
+        run(resolve(args), rank, world, device)
 
 
-def run(args, rank, world, device):
+def setup(args, world, device):
+    """Everything one training iteration uses, built from resolved args on this rank: the models
+    and frozen networks of the objective, EMA, both optimisers, and the two update steps
+    generator_step(x, step) -> (logs, reconstructions) and discriminator_step(x, recs, step) -> logs.
+    Returned as a SimpleNamespace (tests call the steps directly, with the tiny preset)."""
     print0 = training.print0
     overrides = {} if args.image_size is None else {"image_size": args.image_size}
     try:
@@ -661,7 +669,6 @@ def run(args, rank, world, device):
 
     def discriminator_step(x, recs, step):
         """Hinge + LeCAM + consistency regularisation on real x and detached reconstructions."""
-        nonlocal lecam_ema
         if disc is None or step < args.disc_start:       # before disc-start the discriminator is idle
             return {}
         disc.heads.requires_grad_(True)
@@ -679,8 +686,8 @@ def run(args, rank, world, device):
                     if world > 1:
                         dist.all_reduce(means)
                         means /= world
-                    lecam_ema = torch.where(torch.isfinite(means),
-                                            LECAM_DECAY * lecam_ema + (1 - LECAM_DECAY) * means, lecam_ema)
+                    lecam_ema.copy_(torch.where(torch.isfinite(means),
+                                                LECAM_DECAY * lecam_ema + (1 - LECAM_DECAY) * means, lecam_ema))
                 lecam = F.relu(real - lecam_ema[1]).pow(2).mean() + F.relu(lecam_ema[0] - fake).pow(2).mean()
                 cr = F.mse_loss(torch.cat([real, fake]), torch.cat([real_cr, fake_cr]))
                 # official: disc weight scales hinge + LeCAM, consistency regularisation has its own
@@ -699,6 +706,20 @@ def run(args, rank, world, device):
             opt_d.step()
         logs["d_grad_norm"] = grad_norm.detach()
         return logs
+
+    return SimpleNamespace(
+        tok_cfg=tok_cfg, train_cfg=train_cfg, run_name=run_name, out_dir=out_dir, ckpt_path=ckpt_path,
+        ckpt=ckpt if args.resume else None, ckpt_used=used if args.resume else None, image_size=image_size, local_batch=local_batch, micro=micro,
+        base_lr=base_lr, use_bf16=use_bf16, tok=tok, projector=projector, gen=gen, ema=ema, opt=opt,
+        lpips=lpips_loss, teacher=teacher, disc=disc, opt_d=opt_d, guard=guard, guard_d=guard_d,
+        lecam_ema=lecam_ema, generator_step=generator_step, discriminator_step=discriminator_step)
+
+
+def run(args, rank, world, device):
+    print0 = training.print0
+    t = setup(args, world, device)
+    local_batch, image_size, use_bf16 = t.local_batch, t.image_size, t.use_bf16
+    generator_step, discriminator_step = t.generator_step, t.discriminator_step
 
     # ---- benchmark: N timed iterations on a fixed random batch, every term active ----
     if args.benchmark:
@@ -768,20 +789,20 @@ def run(args, rank, world, device):
     # ---- resume ----
     step, epoch, batch_in_epoch = 0, 0, 0
     if args.resume:
-        tok.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        if projector is not None:
-            projector.load_state_dict(ckpt["projector"])
-        if disc is not None:
-            disc.heads.load_state_dict(ckpt["disc_heads"])
-            opt_d.load_state_dict(ckpt["opt_disc"])
-        lecam_ema = ckpt["lecam_ema"].to(device)
-        guard.load_state_dict(ckpt["nan_guard"])
-        guard_d.load_state_dict(ckpt["nan_guard_disc"])
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        training.set_rng_state(ckpt["rng"][rank], device)
-        print0(f"resumed {used} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        t.tok.load_state_dict(t.ckpt["model"])
+        t.ema.load_state_dict(t.ckpt["ema"])
+        t.opt.load_state_dict(t.ckpt["opt"])
+        if t.projector is not None:
+            t.projector.load_state_dict(t.ckpt["projector"])
+        if t.disc is not None:
+            t.disc.heads.load_state_dict(t.ckpt["disc_heads"])
+            t.opt_d.load_state_dict(t.ckpt["opt_disc"])
+        t.lecam_ema.copy_(t.ckpt["lecam_ema"])
+        t.guard.load_state_dict(t.ckpt["nan_guard"])
+        t.guard_d.load_state_dict(t.ckpt["nan_guard_disc"])
+        step, epoch, batch_in_epoch = t.ckpt["step"], t.ckpt["epoch"], t.ckpt["batch_in_epoch"]
+        training.set_rng_state(t.ckpt["rng"][rank], device)
+        print0(f"resumed {t.ckpt_used} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     else:
         torch.manual_seed(args.seed * world + rank)      # per-rank augmentation randomness (DiT style)
 
@@ -792,27 +813,27 @@ def run(args, rank, world, device):
         else:
             rngs = [training.rng_state(device)]
         if rank == 0:
-            training.save_checkpoint(ckpt_path, {
-                "kind": "tokenizer", "config": dataclasses.asdict(tok_cfg), "train_config": train_cfg,
-                "model": tok.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "projector": projector.state_dict() if projector is not None else None,
-                "disc_heads": disc.heads.state_dict() if disc is not None else None,
-                "opt_disc": opt_d.state_dict() if opt_d is not None else None,
-                "lecam_ema": lecam_ema.cpu(), "nan_guard": guard.state_dict(),
-                "nan_guard_disc": guard_d.state_dict(), "step": step, "epoch": epoch,
+            training.save_checkpoint(t.ckpt_path, {
+                "kind": "tokenizer", "config": dataclasses.asdict(t.tok_cfg), "train_config": t.train_cfg,
+                "model": t.tok.state_dict(), "ema": t.ema.state_dict(), "opt": t.opt.state_dict(),
+                "projector": t.projector.state_dict() if t.projector is not None else None,
+                "disc_heads": t.disc.heads.state_dict() if t.disc is not None else None,
+                "opt_disc": t.opt_d.state_dict() if t.opt_d is not None else None,
+                "lecam_ema": t.lecam_ema.cpu(), "nan_guard": t.guard.state_dict(),
+                "nan_guard_disc": t.guard_d.state_dict(), "step": step, "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
                 "rng": [{k: v.cpu() for k, v in r.items()} for r in rngs]})
 
     # ---- loop ----
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-    log_file = training.open_log(os.path.join(out_dir, "log.jsonl"), step) if rank == 0 else None
+        os.makedirs(t.out_dir, exist_ok=True)
+    log_file = training.open_log(os.path.join(t.out_dir, "log.jsonl"), step) if rank == 0 else None
     running, n_running, t_log = {}, 0, time.perf_counter()
     ckpt_due = False
     stop = min(args.iters, args.stop_at or args.iters)
-    print0(f"training {run_name}: steps {step} -> {stop} of {args.iters}, global batch "
-           f"{args.global_batch} ({world} x {local_batch // micro} x {micro}), lr {base_lr:.2e}, "
-           f"{'bf16 autocast' if use_bf16 else 'fp32'}, out {out_dir}")
+    print0(f"training {t.run_name}: steps {step} -> {stop} of {args.iters}, global batch "
+           f"{args.global_batch} ({world} x {local_batch // t.micro} x {t.micro}), lr {t.base_lr:.2e}, "
+           f"{'bf16 autocast' if use_bf16 else 'fp32'}, out {t.out_dir}")
     while step < stop:
         sampler.set_position(epoch, batch_in_epoch * local_batch)
         for x, _ in loader:
@@ -835,7 +856,7 @@ def run(args, rank, world, device):
                 elapsed = time.perf_counter() - t_log
                 rec = {"step": step, **dict(zip(keys, vals.tolist())),
                        "img_per_s": n_running * args.global_batch / elapsed,
-                       "nan_skipped": guard.skipped + guard_d.skipped, "bad_images": dataset.skipped}
+                       "nan_skipped": t.guard.skipped + t.guard_d.skipped, "bad_images": dataset.skipped}
                 print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                 for k, v in rec.items()))
                 if log_file:
@@ -845,11 +866,11 @@ def run(args, rank, world, device):
             if rank == 0 and (step % args.vis_every == 0 or step == stop):
                 n = min(8, x.shape[0], recs[0].shape[0])
                 training.save_image_grid(torch.cat([x[:n], recs[0][:n]]),
-                                         os.path.join(out_dir, f"recon_{step:07d}.png"), nrow=n)
+                                         os.path.join(t.out_dir, f"recon_{step:07d}.png"), nrow=n)
             # A checkpoint due during a streak of skipped NaN/inf steps waits for the next good step:
             # the NanGuard stop promises that the last checkpoint was written before the streak.
             ckpt_due = ckpt_due or step % args.ckpt_every == 0
-            if step == stop or (ckpt_due and guard.in_a_row == 0 and guard_d.in_a_row == 0):
+            if step == stop or (ckpt_due and t.guard.in_a_row == 0 and t.guard_d.in_a_row == 0):
                 save()
                 ckpt_due = False
             if step >= stop:
@@ -857,14 +878,14 @@ def run(args, rank, world, device):
     if log_file:
         log_file.close()
     if world > 1:                                        # DDP sanity check: same weights everywhere
-        tensors = list(tok.state_dict().values()) + list(disc.heads.parameters() if disc else [])
-        mine = torch.stack([t.detach().double().sum() for t in tensors]).to(device)
+        tensors = list(t.tok.state_dict().values()) + list(t.disc.heads.parameters() if t.disc else [])
+        mine = torch.stack([v.detach().double().sum() for v in tensors]).to(device)
         every = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(every, mine)
         if not all(torch.equal(every[0], e) for e in every):
             raise RuntimeError("ranks ended with different weights (DDP out of sync)")
         print0(f"all {world} ranks hold identical weights")
-    print0(f"done: {ckpt_path}")
+    print0(f"done: {t.ckpt_path}")
 
 
 if __name__ == "__main__":

@@ -38,3 +38,28 @@ def user_error(script, *argv):
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
+
+
+def script_args(script, *argv):
+    """The argparse Namespace that `python <script> argv...` hands to its main(): the script's
+    `if __name__ == "__main__":` block runs up to its parse_args() call, and stops there."""
+    import argparse
+
+    class Parsed(Exception):
+        pass
+
+    real_parse = argparse.ArgumentParser.parse_args
+    parsed = {}
+
+    def parse_and_stop(parser, *a, **kw):
+        parsed["args"] = real_parse(parser, *a, **kw)
+        raise Parsed
+
+    argparse.ArgumentParser.parse_args = parse_and_stop
+    try:
+        run_script(script, *argv)
+    except Parsed:
+        return parsed["args"]
+    finally:
+        argparse.ArgumentParser.parse_args = real_parse
+    raise RuntimeError(f"{script} did not call parse_args()")

@@ -345,6 +345,32 @@ def test_recon_reports_what_needs_no_weights(tiny_ckpt, tmp_path, monkeypatch, c
     assert np.isfinite(with_fid["rfid"]) and with_fid["psnr"] == results["psnr"]
 
 
+def test_recon_uses_the_ema_weights(tiny_ckpt, tmp_path):
+    """evaluate.py measures a train_tok.py checkpoint's EMA weights (what the paper evaluates): with
+    EMA != live weights, recon reports the numbers of an EMA-only checkpoint, not of a live-only
+    one; linear-probe loads the tokenizer the same way. (No --raw flag is offered.)"""
+    ckpt = training.load_checkpoint(tiny_ckpt)
+    g = torch.Generator().manual_seed(1)
+    live = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+            for k, v in ckpt["model"].items()}
+
+    def recon(name, weights, averaged):
+        path = str(tmp_path / f"{name}.pt")
+        training.save_checkpoint(path, dict(ckpt, model=weights, ema=averaged))
+        args = SimpleNamespace(command="recon", ckpt=path, released=None, data_path="builtin", num_images=4,
+                               batch_size=4, num_workers=0, inception=str(tmp_path / "none"),
+                               vgg=str(tmp_path / "none"), out=str(tmp_path / f"{name}.json"), grid=None)
+        E.main(args)
+        with open(args.out) as f:
+            return json.load(f)
+
+    both = recon("both", live, ckpt["ema"])
+    assert both == recon("ema-only", ckpt["ema"], ckpt["ema"])
+    assert both["psnr"] != recon("live-only", live, live)["psnr"]
+    probe_model = E.load_tokenizer_from_args(SimpleNamespace(ckpt=str(tmp_path / "both.pt"), released=None))
+    assert all(torch.equal(probe_model.state_dict()[k], v) for k, v in ckpt["ema"].items())
+
+
 def test_linear_probe_subcommand(tiny_ckpt, tmp_path):
     args = SimpleNamespace(device="cpu", command="linear-probe", ckpt=tiny_ckpt, released=None, sit=None, train_path="builtin",
                            val_path="builtin", max_train_images=40, max_val_images=20, pool="mean",

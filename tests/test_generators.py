@@ -1,6 +1,8 @@
-"""Tests of generators.py: sizes and GFLOPs of the paper's models, the training losses, the samplers
+"""Tests of generators.py: sizes and GFLOPs of the paper's models, the training losses (zero at the
+exact target written out by hand, positive away from it; MAR's masking; class dropout), the samplers
 on a toy distribution with exact denoisers, classifier-free guidance and its interval, MAR
-generation, and strict loading of released SiT/DiT weights. CPU only, tiny models, ~30 s.
+generation, strict loading of released SiT/DiT weights and their forward pass against the official
+computation restated on raw tensors. CPU only, tiny models, ~40 s.
 
 Run: python -m pytest -q tests/test_generators.py
 """
@@ -13,6 +15,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import generators as G
 from conftest import run_script
@@ -33,7 +36,7 @@ def one_thread():
 WEIGHTS = torch.tensor([0.3, 0.7])
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0]])
 STD = 0.5
-NUM_SAMPLES = 4000
+NUM_SAMPLES = 10000     # variance estimates to ~1.5%: the 5% bound below then fails a noise temperature of 0.9
 
 
 def true_moments():
@@ -79,7 +82,7 @@ def check_moments(samples):
     flat = samples.reshape(-1, 2)
     assert torch.isfinite(flat).all()
     assert (flat.mean(0) - mean).abs().max() < 0.12, (flat.mean(0), mean)
-    assert ((flat.var(0) - var).abs() / var).max() < 0.12, (flat.var(0), var)
+    assert ((flat.var(0) - var).abs() / var).max() < 0.05, (flat.var(0), var)
     # mass of the right cluster
     assert abs((flat[:, 0] > 0).float().mean() - WEIGHTS[1]) < 0.04
 
@@ -139,23 +142,82 @@ def test_training_loss_finite_and_decreasing(preset):
     assert math.isfinite(after) and after < 0.8 * before, (before, after)
 
 
-def test_hybrid_loss_vanishes_at_the_true_posterior_and_trains_sigma_only_through_vlb():
+# ---- each training loss is zero at the exact target, positive away from it ----
+# The targets are written out here from the papers, not taken from generators.py, so a wrong
+# coefficient, sign or schedule there shows up as a non-zero loss at the "exact" prediction.
+
+HAND_PATHS = {   # alpha_t, sigma_t and their time derivatives (paper Eq. 3; t = 0 data, t = 1 noise)
+    "linear": lambda t: (1 - t, t, -torch.ones_like(t), torch.ones_like(t)),
+    "cosine": lambda t: (torch.cos(math.pi / 2 * t), torch.sin(math.pi / 2 * t),
+                         -math.pi / 2 * torch.sin(math.pi / 2 * t), math.pi / 2 * torch.cos(math.pi / 2 * t)),
+}
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_sit_loss_is_zero_at_the_velocity_target(path):
+    """SiT: the network's output is compared with v = alpha'_t x + sigma'_t eps; a network that
+    returns exactly that (eps recovered from x_t = alpha_t x + sigma_t eps) has zero loss, one
+    off by 0.1 everywhere has loss 0.01. Float64 latents keep eps's recovery exact near t = 0."""
+    torch.manual_seed(0)
+    model = G.make_generator("SiT-tiny", 4, 3, num_classes=5, path=path)
+    x, y = torch.randn(512, 4, 3, dtype=torch.float64), torch.randint(0, 5, (512,))
+
+    def velocity(x_t, t, _):
+        alpha, sigma, d_alpha, d_sigma = (c.double().view(-1, 1, 1) for c in HAND_PATHS[path](t))
+        return d_alpha * x + d_sigma * (x_t - alpha * x) / sigma
+
+    model.forward = velocity                    # model.loss hands the network itself to the interpolant
+    assert model.loss(x, y).item() < 1e-10
+    model.forward = lambda x_t, t, y: velocity(x_t, t, y) + 0.1
+    assert model.loss(x, y).item() == pytest.approx(0.01, rel=1e-6)
+
+
+def hand_alpha_bar(k, T=1000, s=0.008):
+    """Cosine schedule (Nichol & Dhariwal Eq. 17): abar after step k (0-based) = f(k + 1) / f(0),
+    f(u) = cos^2((u / T + s) / (1 + s) pi / 2); their beta clip at 0.999 acts on the last step only."""
+    f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    return f(k + 1) / f(0) if k < T - 1 else hand_alpha_bar(T - 2) * (1 - 0.999)
+
+
+def test_dit_eps_loss_and_vlb_term_against_hand_values():
+    """DiT (learned sigma): loss = ||eps - eps_pred||^2 + L_vlb, L_vlb = KL(q(x_{t-1}|x_t, x) ||
+    p(x_{t-1}|x_t)) in bits (iDDPM, lambda = T/1000 = 1 for the hybrid loss). With the true eps
+    and v = -1 (the posterior variance beta~_t) both vanish for t > 0; with v = +1 (beta_t) the KL
+    is 0.5 (beta~/beta - 1 - log(beta~/beta)) / log 2 per element, written out below."""
     diffusion = G.GaussianDiffusion(1000, "cosine", learn_sigma=True)
-    x, y = torch.randn(64, 4, 3), torch.zeros(64, dtype=torch.long)
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 4, 3, dtype=torch.float64), torch.zeros(256, dtype=torch.long)
     seen = {}
 
-    def exact(v):        # true epsilon (recovered from x_t) and a fixed sigma interpolation v
-        def model_fn(x_t, t, y):
-            abar = diffusion.alphas_cumprod[t.long()].float().view(-1, 1, 1)
-            seen["t"] = t
+    def exact(v, eps_offset=0.0):
+        def model_fn(x_t, t, _):
+            seen["k"] = t.long().tolist()
+            abar = torch.tensor([hand_alpha_bar(k) for k in seen["k"]], dtype=torch.float64).view(-1, 1, 1)
             eps = (x_t - abar.sqrt() * x) / (1 - abar).sqrt()
-            return torch.cat([eps, torch.full_like(eps, v)], dim=-1)
+            return torch.cat([eps + eps_offset, torch.full_like(eps, v)], dim=-1)
         return model_fn
 
-    # v = -1 gives the posterior variance beta~_t: MSE = 0 and KL(q || p) = 0 for every t > 0
-    losses = diffusion.training_losses(exact(-1.0), x, y)
-    assert (seen["t"] > 0).any() and losses[seen["t"] > 0].abs().max() < 1e-4
-    assert diffusion.training_losses(exact(1.0), x, y).max() > 1e-4      # beta_t instead: KL > 0
+    def later(losses):          # the draws with t > 0 (t = 0 has the decoder NLL instead of a KL)
+        return losses[torch.tensor(seen["k"]) > 0], [k for k in seen["k"] if k > 0]
+
+    losses, ks = later(diffusion.training_losses(exact(-1.0), x, y))
+    assert len(ks) > 250 and losses.abs().max() < 1e-9
+    losses, ks = later(diffusion.training_losses(exact(1.0), x, y))
+    abar = torch.tensor([hand_alpha_bar(k) for k in ks], dtype=torch.float64)
+    abar_prev = torch.tensor([hand_alpha_bar(k - 1) for k in ks], dtype=torch.float64)
+    beta = 1 - abar / abar_prev
+    ratio = (beta * (1 - abar_prev) / (1 - abar)) / beta              # beta~_t / beta_t
+    kl_bits = 0.5 * (ratio - 1 - torch.log(ratio)) / math.log(2.0)
+    assert kl_bits.min() > 0
+    torch.testing.assert_close(losses, kl_bits, rtol=1e-6, atol=1e-12)
+    # the epsilon prediction off by 0.1: the MSE part alone is 0.01 (plus a KL through the mean)
+    losses, _ = later(diffusion.training_losses(exact(-1.0, 0.1), x, y))
+    assert losses.min() > 0.01 - 1e-9
+
+
+def test_hybrid_loss_trains_sigma_only_through_vlb():
+    diffusion = G.GaussianDiffusion(1000, "cosine", learn_sigma=True)
+    x, y = torch.randn(64, 4, 3), torch.zeros(64, dtype=torch.long)
     # gradients: the VLB term reaches only the sigma channels (frozen mean)
     out = torch.randn(64, 4, 6, requires_grad=True)
     torch.manual_seed(0)
@@ -165,6 +227,85 @@ def test_hybrid_loss_vanishes_at_the_true_posterior_and_trains_sigma_only_throug
     grad_mse, = torch.autograd.grad(mse_only.training_losses(lambda *_: out[..., :3], x, y).sum(), out)
     torch.testing.assert_close(grad_hybrid[..., :3], grad_mse[..., :3])
     assert grad_hybrid[..., 3:].abs().sum() > 0
+
+
+def test_mar_loss_counts_masked_tokens_only():
+    """MAR: the diffusion loss averages over the masked tokens only (Li et al. 2024, Eq. 2 summed
+    over unknown tokens): the conditions of known tokens get no gradient, and with per-row losses
+    of 1 (masked) and 101 (known) the batch loss is exactly 1."""
+    torch.manual_seed(0)
+    B, L, D = 6, 8, 3
+    model = G.make_generator("MAR-tiny", L, D, num_classes=5)
+    with torch.no_grad():                       # the zero-initialised head would pass no gradient back
+        for p in model.head.parameters():
+            p.normal_(0.0, 0.1)
+    x, y = torch.randn(B, L, D), torch.randint(0, 5, (B,))
+    cond = torch.randn(B, L, model.config.dec_width, requires_grad=True)
+    seen = {}
+
+    def network(tokens, keep_idx, class_emb):  # stands in for the encoder-decoder: fixed conditions
+        seen["known"] = torch.zeros(B, L, dtype=torch.bool).scatter(1, keep_idx, True)
+        return cond
+
+    model.forward = network
+    model.loss(x, y).backward()
+    known, grad = seen["known"], cond.grad.norm(dim=-1)
+    assert known.any() and (~known).any()
+    assert (grad[known] == 0).all() and (grad[~known] > 0).all()
+
+    # per-row bookkeeping: rows are (token, repeat) pairs; condition row r belongs to x row r
+    def network_with_ids(tokens, keep_idx, class_emb):
+        known = torch.zeros(B, L).scatter(1, keep_idx, 1.0)
+        ids = torch.arange(B * L, dtype=torch.float32).view(B, L)
+        return torch.stack([known, ids], dim=-1)
+
+    def row_losses(head, x_rows, z_rows):
+        assert len(x_rows) == model.config.diffusion_batch_mul * B * L
+        assert torch.equal(x_rows, x.reshape(B * L, D)[z_rows[:, 1].long()])
+        return 1.0 + 100.0 * z_rows[:, 0]
+
+    model.forward, model.diffusion.training_losses = network_with_ids, row_losses
+    assert model.loss(x, y).item() == 1.0
+
+
+@pytest.mark.parametrize("preset", ["DiT-tiny", "SiT-tiny"])
+def test_class_dropout_to_the_null_label_at_its_rate(preset):
+    """CFG training: each label becomes the null class (index num_classes) with probability 0.1."""
+    model = G.make_generator(preset, 2, 2, num_classes=7)
+    assert model.config.class_dropout == 0.1
+    seen = {}
+
+    def losses(model_fn, x, y):
+        seen["y"] = y
+        return torch.zeros(len(y))
+
+    model.algorithm.training_losses = losses
+    y = torch.randint(0, 7, (20000,), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model.loss(torch.zeros(20000, 2, 2), y)
+    dropped = seen["y"] == 7
+    assert abs(dropped.double().mean().item() - 0.1) < 0.01          # 4.7 binomial standard deviations
+    assert torch.equal(seen["y"][~dropped], y[~dropped])
+
+
+def test_mar_class_dropout_to_the_fake_latent_at_its_rate():
+    """MAR: the class embedding of a dropped label is replaced by the learned `fake_latent`."""
+    B = 20000
+    model = G.make_generator("MAR-tiny", 2, 2, num_classes=7)
+    seen = {}
+
+    def network(tokens, keep_idx, class_emb):
+        seen["cls"] = class_emb
+        return torch.zeros(B, 2, model.config.dec_width)
+
+    model.forward = network
+    model.diffusion.training_losses = lambda head, x_rows, z_rows: torch.zeros(len(x_rows))
+    y = torch.randint(0, 7, (B,), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model.loss(torch.zeros(B, 2, 2), y)
+    null = (seen["cls"] == model.fake_latent).all(dim=1)
+    assert abs(null.double().mean().item() - 0.1) < 0.01
+    assert torch.equal(seen["cls"][~null], model.class_emb(y)[~null])
 
 
 # ---- samplers turn noise into the toy distribution (exact model_fn) ----
@@ -352,7 +493,17 @@ def test_mar_mask_ratio_is_truncated_normal():
     assert abs(ratios.mean().item() - mean) < 0.005
 
 
-def test_mar_fills_every_token_on_the_cosine_schedule():
+@pytest.mark.parametrize("steps,expected", [
+    # tokens drawn per step: masked count after step s is floor(16 cos(pi/2 (s + 1) / steps)),
+    # clipped to [1, masked - 1], and 0 after the last step. For 6 steps: cos(pi/12) 16 = 15.45,
+    # cos(pi/6) 16 = 13.86, cos(pi/4) 16 = 11.31, cos(pi/3) 16 = 8, cos(5pi/12) 16 = 4.14 -> masked
+    # 15, 13, 11, 8, 4, 0.
+    (6, [1, 2, 2, 3, 4, 4]),
+    (4, [2, 3, 5, 6]),            # masked 14 (14.78), 11 (11.31), 6 (6.12), 0
+    (2, [5, 11]),                 # masked 11, 0
+    (16, [1] * 16),               # one token per step: the clip to masked - 1 decides every step
+])
+def test_mar_fills_every_token_on_the_cosine_schedule(steps, expected):
     L = 16
     model = G.make_generator("MAR-tiny", L, 3, num_classes=5)
     written = []
@@ -362,18 +513,11 @@ def test_mar_fills_every_token_on_the_cosine_schedule():
         return torch.full_like(noise, float(len(written)))   # value = step number (>= 1)
 
     model.diffusion.sample = fake_head_sampler
-    out = model.sample(torch.tensor([1, 3]), steps=6, cfg_scale=2.0)
+    out = model.sample(torch.tensor([1, 3]), steps=steps, cfg_scale=2.0)
     assert (out > 0).all()                                   # no position left empty
-    assert sum(written) == L and len(written) == 6
-    masked, expected = L, []
-    for step in range(6):                                    # MaskGIT cosine schedule
-        cosine = math.floor(L * math.cos(math.pi / 2 * (step + 1) / 6))
-        nxt = 0 if step == 5 else max(1, min(masked - 1, cosine))
-        expected.append(masked - nxt)
-        masked = nxt
     assert written == expected
     for sample in out:                                       # each step's count of tokens, per sample
-        assert [int((sample[:, 0] == s + 1).sum()) for s in range(6)] == expected
+        assert [int((sample[:, 0] == s + 1).sum()) for s in range(steps)] == expected
 
 
 def test_mar_generation_is_deterministic_with_a_generator():
@@ -417,10 +561,10 @@ def official_layout(width, depth, tokens, dim, learn_sigma):
     return layout
 
 
-def write_release(folder, config, learn_sigma, drop=(), extra=()):
+def write_release(folder, config, learn_sigma, drop=(), extra=(), std=0.02):
     from safetensors.torch import save_file
     torch.manual_seed(0)
-    state = {k: torch.randn(s) * 0.02 for k, s in official_layout(64, 2, 8, 4, learn_sigma).items()
+    state = {k: torch.randn(s) * std for k, s in official_layout(64, 2, 8, 4, learn_sigma).items()
              if k not in drop}
     state.update({k: torch.zeros(3) for k in extra})
     os.makedirs(folder, exist_ok=True)
@@ -448,6 +592,72 @@ def test_load_released_sit_and_dit(tmp_path):
     # no config hints: arch from the output width
     write_release(tmp_path / "bare", {}, True)
     assert G.load_released(str(tmp_path / "bare")).config.arch == "dit"
+
+
+def official_forward(sd, x, t, y, heads):
+    """The official SiT / DiT forward (SoftVQ's modelling/sit.py and DiT's models.py, 1-D latents,
+    patch size 1) restated on the official-named tensors of a released state dict."""
+    def linear(h, name):
+        return h @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+
+    def modulate(h, shift, scale):
+        return h * (1 + scale[:, None]) + shift[:, None]
+
+    width = sd["x_embedder.weight"].shape[0]
+    norm = lambda h: F.layer_norm(h, (width,), eps=1e-6)  # noqa: E731  (no affine parameters)
+    h = linear(x, "x_embedder") + sd["pos_embed"]
+    # timestep embedding: 256 sinusoidal features [cos | sin], periods up to 10^4, of t as given
+    # (SiT: t in [0, 1]; DiT: the integer step), then Linear-SiLU-Linear; plus the label's row
+    freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
+    angles = t[:, None].float() * freqs[None]
+    t_freq = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    c = linear(F.silu(linear(t_freq, "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    c = c + sd["y_embedder.embedding_table.weight"][y]
+    B, N, hd, i = x.shape[0], x.shape[1], width // heads, 0
+    while f"blocks.{i}.attn.qkv.weight" in sd:
+        b = f"blocks.{i}"
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            linear(F.silu(c), f"{b}.adaLN_modulation.1").chunk(6, dim=-1))
+        q, k, v = linear(modulate(norm(h), shift_msa, scale_msa), f"{b}.attn.qkv").reshape(
+            B, N, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        a = ((q * hd ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        h = h + gate_msa[:, None] * linear(a.transpose(1, 2).reshape(B, N, width), f"{b}.attn.proj")
+        m = F.gelu(linear(modulate(norm(h), shift_mlp, scale_mlp), f"{b}.mlp.fc1"), approximate="tanh")
+        h = h + gate_mlp[:, None] * linear(m, f"{b}.mlp.fc2")
+        i += 1
+    shift, scale = linear(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=-1)
+    return linear(modulate(norm(h), shift, scale), "final_layer.linear")
+
+
+@pytest.mark.parametrize("arch", ["sit", "dit"])
+def test_released_forward_matches_the_official_computation(tmp_path, arch):
+    """A released file (random weights, large enough that every modulation matters) run by our
+    DiT / SiT equals the official forward restated above, null class and learned sigma included."""
+    dit = arch == "dit"
+    hint = {"learn_sigma": True} if dit else {"path_type": "linear"}      # config.json names the class
+    state = write_release(tmp_path, {"num_heads": 4, **hint}, learn_sigma=dit, std=0.15)
+    model = G.load_released(str(tmp_path))
+    assert model.config.arch == arch
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, 4, generator=g)
+    t = torch.tensor([0.0, 417.0, 999.0]) if dit else torch.tensor([0.0, 0.37, 1.0])
+    y = torch.tensor([5, 1000, 0])                               # 1000: the null class
+    with torch.no_grad():
+        ours, official = model(x, t, y), official_forward(state, x, t, y, heads=4)
+    assert ours.shape == (3, 8, 8 if dit else 4)
+    assert official.abs().mean() > 0.1                           # not trivially small
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_position_embedding_is_the_official_1d_sincos():
+    """Freshly built DiT / SiT: pos_embed[p, 2i] = sin(p / 10000^(2i / W)), pos_embed[p, 2i + 1] =
+    cos(p / 10000^(2i / W)) (the official positionalencoding1d)."""
+    L, W = 8, 64
+    model = G.make_generator("SiT-tiny", L, 4)
+    p, i = torch.arange(L, dtype=torch.float64)[:, None], torch.arange(W // 2, dtype=torch.float64)[None]
+    angle = p / 10000 ** (2 * i / W)
+    expected = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1).reshape(L, W)
+    torch.testing.assert_close(model.pos_embed[0].double(), expected, rtol=0, atol=1e-6)
 
 
 def test_load_released_is_strict(tmp_path):

@@ -109,6 +109,32 @@ def test_resume_keeps_finished_chunks_and_redraws_the_same_images(sampled, tmp_p
     assert "cfg_scale" in user_error("sample.py", *flags(ckpt, out)[:-4], "--cfg-scale", 2.0, "--device", "cpu")
 
 
+def test_sampling_uses_the_ema_weights(tmp_path):
+    """The paper samples with EMA weights: a checkpoint whose EMA differs from its live weights (the
+    generator's and those of the tokenizer it names) gives the images of a checkpoint holding only
+    the EMA weights, not those of one holding only the live weights. (sample.py has no --raw.)"""
+    path = save_models(tmp_path)
+    gen, tok = training.load_checkpoint(str(path)), training.load_checkpoint(str(tmp_path / "tok.pt"))
+    g = torch.Generator().manual_seed(1)
+    live = [{k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in ck["model"].items()} for ck in (gen, tok)]
+    ema = [gen["ema"], tok["ema"]]
+
+    def images(name, weights, averaged):        # checkpoints holding `weights` live, `averaged` as EMA
+        folder = tmp_path / name
+        os.makedirs(folder)
+        training.save_checkpoint(str(folder / "tok.pt"), dict(tok, model=weights[1], ema=averaged[1]))
+        training.save_checkpoint(str(folder / "gen.pt"), dict(gen, model=weights[0], ema=averaged[0],
+                                                              tokenizer=str(folder / "tok.pt")))
+        run_cli("--ckpt", folder / "gen.pt", "--out", folder / "out", "--num-images", 2, "--batch-size", 2,
+                "--steps", 2, "--cfg-scale", 1.5, "--device", "cpu")
+        return evaluate.load_images_npz(str(folder / "out" / "samples.npz"))
+
+    both = images("both", live, ema)
+    assert np.array_equal(both, images("ema-only", ema, ema))
+    assert not np.array_equal(both, images("live-only", live, live))
+
+
 @pytest.mark.parametrize("preset", ["DiT-tiny", "MAR-tiny"])
 def test_dit_and_mar_checkpoints_sample(tmp_path, preset):
     ckpt = save_models(tmp_path, preset)

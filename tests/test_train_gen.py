@@ -2,11 +2,14 @@
 latent caching (image + flip, labels, mean / std over the whole set, a tokenizer's own statistics
 win; an interrupted cache resumed keeping its finished shards, a finished one never replaced
 silently), the normalisation round trip, exact resume (cache and on-the-fly; the schedule may
-change, the batch may not), and a 2-process gloo torchrun run of caching + training (MAR-tiny:
-warm-up and grad clipping)."""
+change, the batch may not), a 2-process gloo torchrun run of caching + training (MAR-tiny:
+warm-up and grad clipping), 2 ranks = 1 rank after two steps, and a NaN step that moves neither
+the weights nor the EMA."""
 
 import dataclasses
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -142,6 +145,16 @@ def test_interrupted_cache_resumes_keeping_finished_shards(tmp_path, capsys):
     assert sorted(p.name for p in cut.glob("*-latents.npy")) == ["r000-s0000-latents.npy"]
 
 
+def test_the_tokenizer_is_read_with_its_ema_weights(tmp_path):
+    """Latents are encoded (cached or on the fly) by the tokenizer's EMA weights, not its live ones."""
+    tok = save_tokenizer(tmp_path / "tok.pt")
+    ckpt = training.load_checkpoint(str(tmp_path / "tok.pt"))
+    live = {k: v + 0.05 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    training.save_checkpoint(str(tmp_path / "tok.pt"), dict(ckpt, model=live))
+    loaded = train_gen.load_any_tokenizer(str(tmp_path / "tok.pt")).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in tok.state_dict().items())
+
+
 def load_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -249,3 +262,67 @@ def test_recipes_clip_sit_at_one_and_not_dit():
             for m in ("SiT-XL", "DiT-XL", "MAR-H")}
     assert clip == {"SiT-XL": 1.0, "DiT-XL": 0.0, "MAR-H": 3.0}
     assert train_gen.resolve(argparse.Namespace(preset=None, model="SiT-XL", grad_clip=0.0)).grad_clip == 0.0
+
+
+
+
+def test_a_nan_step_moves_neither_weights_nor_ema(cached, tmp_path):
+    """A batch holding a NaN latent is skipped: after a good first step (EMA != weights), the
+    weights, EMA and Adam moments after step 2 are those after step 1, and the skip is counted."""
+    tmp, _ = cached
+    shutil.copytree(tmp / "cache", tmp_path / "cache")
+    batch = 8
+    order, _ = train_gen.epoch_order(IMAGES, 0, 0)           # --seed 0, epoch 0
+    shard = tmp_path / "cache" / "r000-s0000-latents.npy"
+    z = np.load(shard)
+    z[order[batch]] = np.nan                                 # one latent of the second batch
+    np.save(shard, z)
+    common = ("--preset", "tiny", "--cache-dir", tmp_path / "cache", "--steps", 2, "--batch-size", batch,
+              "--ckpt-every", 100, "--device", "cpu")
+    run_cli(*common, "--out", tmp_path / "one", "--stop-at", 1)
+    run_cli(*common, "--out", tmp_path / "two")
+    one, two = load_state(tmp_path / "one" / "ckpt.pt"), load_state(tmp_path / "two" / "ckpt.pt")
+    assert (one["nan_guard"]["skipped"], two["nan_guard"]["skipped"], two["step"]) == (0, 1, 2)
+    assert any(not torch.equal(one["ema"][k], v) for k, v in one["model"].items())
+    assert_same_state(one, dict(two, step=1))
+
+
+# The generators' losses draw t, noise and label drops per rank, so 2 ranks cannot reproduce one
+# rank's draws; for this comparison the loss is a deterministic function of (network, batch).
+FIXED_LOSS = """
+import runpy, sys, torch, generators
+def loss(self, x, y):   # the network's squared error at t = 0.5 on the token-reversed latents
+    return ((self(x.flip(1), torch.full((len(x),), 0.5), y) - x) ** 2).mean()
+generators.DiT.loss = loss
+sys.argv = ["train_gen.py", *sys.argv[1:]]
+runpy.run_path("train_gen.py", run_name="__main__")
+"""
+
+
+def test_two_ranks_give_the_same_update_as_one(cached, tmp_path):
+    """2 gloo ranks x 4 latents = 1 rank x the same 8 (one global order, dealt rank by rank): the
+    same logged losses, and weights, EMA and Adam moments after two steps (the first moves only
+    the zero-initialised output layer) equal to fp32 rounding: the weights to 1e-5 where the update
+    is ~lr = 0.01 (Adam's first steps go ~lr along sign(g): a wrong gradient moves them by ~lr)."""
+    tmp, _ = cached
+    args = ("--preset", "tiny", "--cache-dir", tmp / "cache", "--steps", 2, "--batch-size", 8, "--lr", 0.01,
+            "--log-every", 1, "--ckpt-every", 100, "--device", "cpu")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python"]
+    procs = [subprocess.Popen(launcher + [sys.executable, "-c", FIXED_LOSS, *map(str, args), "--out", str(tmp_path / name)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for launcher, name in (([], "one"), (torchrun, "two"))]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    assert "on 1 x cpu" in outs[0] and "on 2 x cpu" in outs[1]
+    logs = [[json.loads(line)["loss"] for line in open(tmp_path / name / "log.jsonl")] for name in ("one", "two")]
+    assert len(logs[0]) == 2 and logs[1] == pytest.approx(logs[0], rel=1e-6)
+    one, two = load_state(tmp_path / "one" / "ckpt.pt"), load_state(tmp_path / "two" / "ckpt.pt")
+    for key in ("model", "ema"):
+        for k, v in one[key].items():
+            torch.testing.assert_close(two[key][k], v, rtol=0, atol=1e-5, msg=f"{key}.{k}")   # update ~1e-2
+    assert one["model"]["blocks.0.adaLN_modulation.1.weight"].abs().max() > 0   # zero at init (adaLN-Zero)
+    for i, moments in one["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            scale = moments[name].abs().max().item()
+            torch.testing.assert_close(two["optimizer"]["state"][i][name], moments[name], rtol=1e-4,
+                                       atol=1e-5 * scale)

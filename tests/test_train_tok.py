@@ -2,8 +2,10 @@
 term runs without downloads): exact resume, config refusal, a 2-process gloo torchrun run, the README
 command, refusal of the full preset without pretrained files, run folders never replaced silently
 (--resume / --overwrite, renamed folders, schedule changes, the log), the previous checkpoint as
-the fallback of a damaged one, the NaN stop and its advice, flag ranges, and the loss pieces
-against their literal definitions."""
+the fallback of a damaged one, the NaN stop and its advice, flag ranges, the loss pieces against
+their literal definitions, and the objective step by step (Eq. 7 term by term, warm-up and start
+schedules, which step updates which network, hinge / LeCAM / consistency by hand, NaN steps,
+gradient accumulation and 2 ranks against 1)."""
 
 import json
 import os
@@ -13,7 +15,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_script, script_args
 
+import data
 import tokenizer
 import train_tok
 import training
@@ -417,3 +421,216 @@ def test_bad_flag_values_of_the_model_are_one_line(tmp_path):
     assert "--image-size 30" in user_error("train_tok.py", "--preset", "tiny", "--image-size", 30,
                                            "--out-dir", tmp_path, "--iters", 1)
     assert "nothing to resume" in user_error("train_tok.py", "--preset", "tiny", "--out-dir", tmp_path, "--resume")
+
+
+# ---- the objective, step by step: train_tok.setup with the tiny stand-ins, world size 1 ----
+# Distinct weights (lambda_1 = 0.7, lambda_2 = 0.3, lambda_3 = 0.11) so that a mix-up shows; no
+# gradient clipping, so the gradients left on the parameters are those of the loss.
+STEP = ["--preset", "tiny", "--batch", "4", "--fake-pretrained", "--grad-clip", "0", "--lpips-weight", "0.7",
+        "--disc-weight", "0.3", "--align-weight", "0.11", "--lpips-warmup", "4", "--disc-start", "0"]
+
+
+def trainer(*flags):
+    """train_tok.setup for `python train_tok.py STEP flags` (later flags win); same seed, same weights."""
+    args = train_tok.resolve(script_args("train_tok.py", *STEP, *flags))
+    return train_tok.setup(args, 1, torch.device("cpu"))
+
+
+def images(n=4):
+    ds = data.make_dataset("builtin", 32, train=False)
+    return torch.stack([ds[i][0] for i in range(n)])
+
+
+def snapshot(named):
+    return {k: v.detach().clone() for k, v in named}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_gradients_are(module, grads):
+    """The .grad left on module's parameters equals `grads` (None: no gradient), to rounding
+    relative to the largest gradient (a bias before a BatchNorm has a true gradient of 0)."""
+    scale = max(g.abs().max().item() for g in grads if g is not None)
+    assert scale > 0
+    for (name, p), g in zip(module.named_parameters(), grads):
+        if g is None:
+            assert p.grad is None or not p.grad.any(), name
+        else:
+            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+
+def test_generator_loss_is_eq7_term_by_term():
+    """Eq. 7, L = L_recon + l1 LPIPS + l2 L_adv + l3 L_align + L_kl, recomputed by hand on an identical
+    trainer: each term, its weight (l1 warmed up as l1 (step + 1) / warm-up), the hinge generator
+    term's sign (-mean D(DiffAug(x_rec))), and the gradient that reached the trained parameters."""
+    t, ref = trainer(), trainer()
+    x, step = images(), 1
+    torch.manual_seed(7)
+    logs, _ = t.generator_step(x, step)
+    torch.manual_seed(7)                                     # the same DiffAugment draws below
+    x_rec, z_q, q_losses, _ = ref.tok(x)
+    recon = ((x_rec - x) ** 2).mean()
+    lpips = ref.lpips(x_rec, x)
+    target = ref.teacher(x)                                  # (B, N, C) patch tokens
+    repeated = ref.projector(z_q).repeat_interleave(target.shape[1] // z_q.shape[1], dim=1)
+    align = -F.cosine_similarity(repeated, target, dim=-1).mean()              # Eq. 5-6
+    adv = -ref.disc(train_tok.diff_augment(x_rec, *train_tok.ADV_AUG)).mean()
+    lpips_w = 0.7 * (step + 1) / 4
+    assert set(q_losses) == {"entropy"}                      # SoftVQ's own, already weighted term
+    total = recon + lpips_w * lpips + 0.3 * adv + 0.11 * align + q_losses["entropy"]
+    for name, hand in (("recon", recon), ("lpips", lpips), ("align", align), ("adv", adv),
+                       ("entropy", q_losses["entropy"]), ("loss", total)):
+        torch.testing.assert_close(logs[name], hand.detach(), rtol=1e-5, atol=1e-7, msg=name)
+    assert logs["lpips_w"].item() == pytest.approx(lpips_w)
+    assert all(abs(v.item()) > 1e-3 for v in (recon, lpips, align, adv, q_losses["entropy"]))
+    # the backpropagated loss is this total: its gradient is what the step left on the parameters
+    assert all(p.requires_grad for p in ref.gen.parameters())
+    assert_gradients_are(t.gen, torch.autograd.grad(total, list(ref.gen.parameters()), allow_unused=True))
+
+
+def test_lpips_warmup_and_discriminator_start():
+    """LPIPS weight l1 (step + 1) / warm-up until full (App. C.1: linear warm-up); the adversarial
+    term, the discriminator update and its LeCAM EMA only from --disc-start on."""
+    t = trainer("--lpips-warmup", "4", "--disc-start", "3")
+    x = images()
+    for step, fraction in ((0, 0.25), (1, 0.5), (2, 0.75), (3, 1.0), (7, 1.0)):
+        heads = snapshot(t.disc.heads.named_parameters())
+        logs, recs = t.generator_step(x, step)
+        assert logs["lpips_w"].item() == pytest.approx(0.7 * fraction)
+        assert ("adv" in logs) == (step >= 3)
+        d_logs = t.discriminator_step(x, recs, step)
+        assert ("d_loss" in d_logs) == (step >= 3)
+        assert same(heads, snapshot(t.disc.heads.named_parameters())) == (step < 3)
+        assert (t.lecam_ema.abs().sum() > 0) == (step >= 3)
+
+
+def test_each_step_updates_only_its_own_networks():
+    """The generator step moves the tokenizer, projector and EMA, not the discriminator heads; the
+    discriminator step moves the heads only; the frozen DINO, DINOv2 and VGG never move."""
+    t = trainer()
+    x = images()
+    frozen = snapshot([*t.disc.dino.named_parameters(), *t.teacher.named_parameters(),
+                       *t.lpips.named_parameters()])
+    gen0, heads0, ema0 = snapshot(t.gen.named_parameters()), snapshot(t.disc.heads.named_parameters()), \
+        snapshot(t.ema.state_dict().items())
+    _, recs = t.generator_step(x, 0)
+    gen1, heads1, ema1 = snapshot(t.gen.named_parameters()), snapshot(t.disc.heads.named_parameters()), \
+        snapshot(t.ema.state_dict().items())
+    assert not same(gen0, gen1) and not same(ema0, ema1) and same(heads0, heads1)
+    t.discriminator_step(x, recs, 0)
+    assert same(gen1, snapshot(t.gen.named_parameters())) and same(ema1, snapshot(t.ema.state_dict().items()))
+    assert not same(heads1, snapshot(t.disc.heads.named_parameters()))
+    assert same(frozen, snapshot([*t.disc.dino.named_parameters(), *t.teacher.named_parameters(),
+                                  *t.lpips.named_parameters()]))
+
+
+def test_discriminator_loss_by_hand():
+    """Discriminator step (official vq_loss.py): l2 (hinge + w_lecam LeCAM) + w_cr CR with
+    hinge = (mean relu(1 - D(real)) + mean relu(1 + D(fake))) / 2, LeCAM = mean relu(D(real) -
+    ema_fake)^2 + mean relu(ema_real - D(fake))^2 with the EMAs (decay 0.999, from 0) updated by
+    this batch first, CR = MSE between the logits of the weakly and strongly augmented views;
+    recomputed on an identical discriminator, with the gradient that reached the heads."""
+    flags = ("--lecam-weight", "0.05", "--cr-weight", "3.0")
+    t, ref = trainer(*flags), trainer(*flags)
+    x = images()
+    _, recs = t.generator_step(x, 0)
+    ref.disc.heads.load_state_dict(t.disc.heads.state_dict())  # with spectral norm's power-iteration state
+    torch.manual_seed(3)
+    logs = t.discriminator_step(x, recs, 0)
+    torch.manual_seed(3)
+    aug = train_tok.diff_augment
+    views = [aug(x, *train_tok.ADV_AUG), aug(recs[0], *train_tok.ADV_AUG), aug(x, *train_tok.CR_AUG),
+             aug(recs[0], *train_tok.CR_AUG)]
+    real, fake, real_cr, fake_cr = ref.disc.heads_logits(ref.disc.features(views), 4).chunk(4)
+    hinge = 0.5 * ((1 - real).clamp(min=0).mean() + (1 + fake).clamp(min=0).mean())
+    ema_real, ema_fake = 0.001 * real.mean(), 0.001 * fake.mean()
+    lecam = (real - ema_fake).clamp(min=0).pow(2).mean() + (ema_real - fake).clamp(min=0).pow(2).mean()
+    cr = ((torch.cat([real, fake]) - torch.cat([real_cr, fake_cr])) ** 2).mean()
+    d_loss = 0.3 * (hinge + 0.05 * lecam) + 3.0 * cr
+    for name, hand in (("d_hinge", hinge), ("d_lecam", lecam), ("d_cr", cr), ("d_loss", d_loss)):
+        torch.testing.assert_close(logs[name], hand.detach(), rtol=1e-5, atol=1e-7, msg=name)
+    assert all(v.item() > 1e-4 for v in (hinge, lecam, cr))
+    torch.testing.assert_close(t.lecam_ema, torch.stack([ema_real, ema_fake]).detach())
+    assert_gradients_are(t.disc.heads, torch.autograd.grad(d_loss, list(ref.disc.heads.parameters())))
+
+
+def test_a_nan_step_moves_neither_weights_nor_ema():
+    """After a good step (EMA != weights), a batch with a NaN is skipped by both steps: weights,
+    EMA, optimiser moments, heads and LeCAM EMA stay as they were; the skips are counted."""
+    t = trainer()
+    x = images()
+    _, recs = t.generator_step(x, 0)
+    t.discriminator_step(x, recs, 0)
+    assert not same(snapshot(t.tok.state_dict().items()), snapshot(t.ema.state_dict().items()))
+
+    def state():
+        return [snapshot(t.gen.named_parameters()), snapshot(t.ema.state_dict().items()),
+                snapshot(t.disc.heads.named_parameters()), t.lecam_ema.clone(),
+                [v.clone() for s in t.opt.state.values() for v in s.values()],
+                [v.clone() for s in t.opt_d.state.values() for v in s.values()]]
+
+    before = state()
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    logs, recs = t.generator_step(bad, 1)
+    d_logs = t.discriminator_step(bad, recs, 1)
+    assert not torch.isfinite(logs["loss"]) and not torch.isfinite(d_logs["d_loss"])
+    assert (t.guard.skipped, t.guard_d.skipped) == (1, 1)
+    after = state()
+    assert all(same(a, b) for a, b in zip(before[:3], after[:3]))
+    assert torch.equal(before[3], after[3])
+    assert all(torch.equal(a, b) for a, b in zip(before[4] + before[5], after[4] + after[5]))
+
+
+# Equivalence runs: the adversarial term off and VQ instead of SoftVQ. Those carry batch statistics
+# by design (README): the entropy term's batch average and the discriminator heads' BatchNorm are
+# taken over each micro-batch (each rank's batch), and DiffAugment draws per call. Everything
+# else is a mean over images, so accumulation and data parallelism must give the same update.
+EQUIVALENT = ("--disc-weight", "0", "--quantizer", "vq", "--grad-clip", "1.0", "--lr", "1.0", "--warmup", "1")
+LOSS_TERMS = ("loss", "recon", "lpips", "align", "codebook", "commit", "grad_norm")
+
+
+def test_micro_batches_give_the_same_update():
+    """--micro-batch 1 at batch 4 (4 accumulated gradients) = the whole batch at once: the same
+    losses and gradient norm (Adam's update would hide a wrong gradient scale, the norm does not)
+    and weights after one step equal to fp32 rounding: to 1e-5, where Adam's first update is ~lr =
+    0.016 along sign(g), so a wrong gradient moves weights by ~0.016."""
+    whole, micro = trainer(*EQUIVALENT), trainer(*EQUIVALENT, "--micro-batch", "1")
+    assert (whole.micro, micro.micro) == (4, 1)
+    x = images()
+    init = snapshot(whole.gen.named_parameters())
+    a, _ = whole.generator_step(x, 0)
+    b, _ = micro.generator_step(x, 0)
+    for k in LOSS_TERMS:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+    moved = max((p.detach() - init[n]).abs().max().item() for n, p in whole.gen.named_parameters())
+    assert moved > 0.01
+    for (n, p), q in zip(whole.gen.named_parameters(), micro.gen.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=n)
+
+
+def test_two_ranks_give_the_same_update_as_one(tmp_path):
+    """2 gloo ranks x 2 images (each as 2 micro-batches: DDP's no_sync path) = 1 rank x 4 images,
+    the same 4 (the sampler deals one global order): same logged losses and gradient norm, and
+    weights (to 1e-5; the update is ~0.016), EMA and Adam moments after one step equal to fp32
+    rounding."""
+    flags = ["--preset", "tiny", "--batch", "4", "--iters", "1", "--fake-pretrained", "--log-every", "1",
+             "--device", "cpu", *EQUIVALENT]
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    two = start(flags + ["--name", "two", "--micro-batch", "1"], tmp_path, launcher=launcher)
+    run_script("train_tok.py", *flags, "--name", "one", "--out-dir", tmp_path)
+    _, out, _ = finish(two)
+    assert "all 2 ranks hold identical weights" in out
+    one_log, two_log = (read_log(tmp_path / n / "log.jsonl")[0] for n in ("one", "two"))
+    for k in LOSS_TERMS:
+        assert two_log[k] == pytest.approx(one_log[k], rel=1e-5, abs=1e-7), k
+    one, two = (training.load_checkpoint(str(tmp_path / n / "ckpt.pt")) for n in ("one", "two"))
+    for key in ("model", "ema", "projector"):
+        for k, v in one[key].items():
+            torch.testing.assert_close(two[key][k], v, rtol=0, atol=1e-5, msg=f"{key}.{k}")
+    for i, moments in one["opt"]["state"].items():          # 0.1 g and 0.05 g^2: the gradients
+        for name in ("exp_avg", "exp_avg_sq"):
+            scale = moments[name].abs().max().item()
+            torch.testing.assert_close(two["opt"]["state"][i][name], moments[name], rtol=1e-4, atol=1e-5 * scale)
