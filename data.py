@@ -169,7 +169,7 @@ class ImageFolder(Dataset):
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross")   # recognisable at 32 px
 NUM_HUES = 5                                               # evenly spaced over the colour wheel
-CENTRE_RANGE = (0.3, 0.7)                                  # object centre, in image widths
+CENTRE_RANGE = (0.4, 0.6)                                  # object centre, in image widths
 
 
 def class_shape_and_hue(label):

@@ -37,7 +37,7 @@ optional() {   # the flag and value only when the value is set: optional FLAG VA
 # replace a checkpoint or a latent cache without it)
 stage judge      $PY evaluate.py judge-train --data-path builtin --builtin-size "${JUDGE_IMAGES:-5000}" \
                      --epochs "${JUDGE_EPOCHS:-3}" --val-images "$N" --out "$RUNS/judge-tiny.pt" --json "$EVAL/judge-train.json"
-stage tokenizer  $PY train_tok.py --preset tiny --tokens 16 --out-dir "$RUNS" --overwrite $(optional --iters "${TOK_ITERS:-}")
+stage tokenizer  $PY train_tok.py --preset tiny --tokens 16 --token-dim 32 --out-dir "$RUNS" --overwrite $(optional --iters "${TOK_ITERS:-}")
 stage cache      $PY train_gen.py --preset tiny --cache-latents --tokenizer "$TOK" --cache-dir "$RUNS/latents-tiny" \
                      --builtin-size "${GEN_IMAGES:-5000}" --overwrite
 stage generator  $PY train_gen.py --preset tiny --cache-dir "$RUNS/latents-tiny" --out "$RUNS/gen-tiny" --overwrite \

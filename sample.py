@@ -30,7 +30,7 @@ Presets (App. C.2; explicit flags override them):
     dit-xl-64  DDPM 250 steps, CFG 1.35
     dit-xl-32  DDPM 250 steps, CFG 1.45
     mar-h      CFG 3.0 (linear CFG schedule), L iterations, temperature 1.0
-    tiny       the tiny pipeline's generator, 200 images
+    tiny       the tiny pipeline's generator, 1000 images
 Without a preset: the checkpoint's own sampler and steps, CFG 1.0 (the "w/o CFG" columns).
 
 `--random-latents` skips the generator and decodes latents drawn from N(0, I) in the normalised
@@ -69,8 +69,8 @@ PRESETS = {
     "dit-xl-32": dict(sampler="ddpm", steps=250, **generators.PAPER_CFG["dit"][32]),
     "mar-h": dict(sampler="ddpm", temperature=1.0, **generators.PAPER_CFG["mar"][64]),
     # CPU pipeline: train_gen.py --preset tiny's checkpoint; SDE 50 steps, mild CFG
-    "tiny": dict(ckpt="runs/gen-tiny/ckpt.pt", out="runs/samples-tiny", num_images=200, batch_size=50,
-                 steps=50, cfg_scale=1.5, guidance_interval=(0.0, 0.7), nn_check=data.BUILTIN),
+    "tiny": dict(ckpt="runs/gen-tiny/ckpt.pt", out="runs/samples-tiny", num_images=1000, batch_size=100,
+                 steps=25, cfg_scale=1.5, guidance_interval=(0.0, 0.7)),
 }
 DEFAULTS = dict(ckpt=None, tokenizer=None, out="runs/samples", num_images=50_000, batch_size=50,
                 sampler=None, steps=None, cfg_scale=1.0, guidance_interval=(0.0, 1.0), temperature=1.0,

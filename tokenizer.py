@@ -315,9 +315,10 @@ PRESETS = {
     "B": TokenizerConfig(**_vit_dims("enc", "b"), **_vit_dims("dec", "b")),
     "BL": TokenizerConfig(**_vit_dims("enc", "b"), **_vit_dims("dec", "l")),
     "L": TokenizerConfig(**_vit_dims("enc", "l"), **_vit_dims("dec", "l")),
-    # CPU preset (~1M parameters): 32x32 images, 4x4 patches (N = 64 >= L), small codebooks.
-    "tiny": TokenizerConfig(image_size=32, patch_size=4, enc_width=96, enc_depth=4, enc_heads=3,
-                            dec_width=96, dec_depth=4, dec_heads=3, codebook_size=256),
+    # CPU preset (~1M parameters): 32x32 images, 8x8 patches (N = 16), small codebooks, LayerScale
+    # at 1.0 (random init on both sides; see README "Why the tiny tokenizer stalled").
+    "tiny": TokenizerConfig(image_size=32, patch_size=8, enc_width=96, enc_depth=4, enc_heads=3,
+                            dec_width=96, dec_depth=4, dec_heads=3, codebook_size=256, layerscale_init=1.0),
 }
 
 # quantizer name -> (its keyword argument, the config field that fills it)

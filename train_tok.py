@@ -17,7 +17,7 @@
   to 1e-5, grad clip 1.0, global batch 256, 250K iterations, bf16 autocast, EMA 0.9999.
 
 Run:
-  python train_tok.py --preset tiny                  # CPU, built-in data, < 2 min -> runs/tiny-64/
+  python train_tok.py --preset tiny --tokens 16 --token-dim 32   # CPU, built-in data -> runs/tiny-16/
   torchrun --nproc_per_node=8 train_tok.py --tokens 32 --data-path /imagenet/train   # SoftVQ-L-32
   python train_tok.py --benchmark 5 --preset S --image-size 128 --batch 2             # speed, JSON
   ... --resume                                       # continue <out-dir>/<name>/ckpt.pt exactly
@@ -109,10 +109,10 @@ FULL_DEFAULTS = dict(global_batch=256, iters=250_000, lr=1e-4, min_lr=1e-5, warm
                      lpips_warmup=10_000, disc_start=20_000, ema=0.9999, proj_dim=1024,
                      teacher_patch=16, data_path=None, num_workers=8, log_every=50,
                      vis_every=5000, ckpt_every=5000)
-TINY_DEFAULTS = dict(global_batch=16, iters=200, lr=0.016, min_lr=1e-4, warmup=20,   # lr: 1e-3 at batch 16
+TINY_DEFAULTS = dict(global_batch=16, iters=1000, lr=0.032, min_lr=1e-4, warmup=100,  # lr: 2e-3 at batch 16
                      lpips_warmup=50, disc_start=100, ema=0.99, proj_dim=64,
                      teacher_patch=4, data_path=data.BUILTIN, num_workers=0, log_every=20,
-                     vis_every=100, ckpt_every=100)
+                     vis_every=250, ckpt_every=250)
 # Excluded from the resume config check: flags that do not change what is computed, file locations
 # (files get moved; their contents are not checked) and the encoder init (used only at step 0).
 # The run folder's own name is a location too: a copied or renamed run folder can be resumed.
@@ -124,7 +124,7 @@ RUN_ONLY_FLAGS = {"resume", "overwrite", "stop_at", "log_every", "vis_every", "c
 RESUMABLE_FLAGS = {"lr", "min_lr", "warmup", "iters", "grad_clip", "lpips_weight", "lpips_warmup",
                    "disc_weight", "disc_start", "cr_weight", "lecam_weight", "align_weight"}
 # Allowed range of every numeric flag (training.check_flags), checked before anything is built.
-FLAG_RANGES = {"image_size": "> 0", "builtin_size": "> 0", "num_workers": ">= 0", "global_batch": "> 0",
+FLAG_RANGES = {"image_size": "> 0", "tokens": "> 0", "token_dim": "> 0", "builtin_size": "> 0", "num_workers": ">= 0", "global_batch": "> 0",
                "micro_batch": "> 0", "iters": "> 0", "lr": "> 0", "min_lr": ">= 0", "warmup": ">= 0",
                "weight_decay": ">= 0", "beta1": "in [0, 1)", "beta2": "in [0, 1)", "grad_clip": ">= 0",
                "ema": "in [0, 1)", "lpips_weight": ">= 0", "lpips_warmup": ">= 0", "disc_weight": ">= 0",
@@ -477,7 +477,8 @@ def setup(args, world, device):
     generator_step(x, step) -> (logs, reconstructions) and discriminator_step(x, recs, step) -> logs.
     Returned as a SimpleNamespace (tests call the steps directly, with the tiny preset)."""
     print0 = training.print0
-    overrides = {} if args.image_size is None else {"image_size": args.image_size}
+    overrides = {k: v for k, v in (("image_size", args.image_size), ("token_dim", args.token_dim))
+                 if v is not None}
     try:
         with torch.device("meta"):                      # the config only (nothing allocated)
             tok_cfg = tokenizer.make_tokenizer(args.preset, tokens=args.tokens, quantizer=args.quantizer,
@@ -894,8 +895,10 @@ if __name__ == "__main__":
         return f" (default {FULL_DEFAULTS[k]}; tiny preset {TINY_DEFAULTS[k]})"
     # model
     p.add_argument("--preset", default="L", choices=list(tokenizer.PRESETS), help="tokenizer size (Sec. 4)")
-    p.add_argument("--tokens", type=int, default=64, choices=sorted(tokenizer.TOKEN_DIMS),
-                   help="latent tokens L (64 -> D 32, 32 -> D 64)")
+    p.add_argument("--tokens", type=int, default=64,
+                   help="latent tokens L (64 -> D 32, 32 -> D 64; any other L needs --token-dim)")
+    p.add_argument("--token-dim", type=int, default=None, help="channels D per latent token "
+                   "(default: 32 for 64 tokens, 64 for 32)")
     p.add_argument("--quantizer", default="softvq", choices=sorted(tokenizer.QUANTIZERS),
                    help="a quantizers.QUANTIZERS key (Table 3 baselines)")
     p.add_argument("--image-size", type=int, default=None, help="resolution (default: the preset's, 256)")
