@@ -100,7 +100,8 @@ PEAK_MIN_SECONDS = 1.0      # repeat the peak matmul at least this long
 FLAG_RANGES = {"batch_size": "> 0", "num_workers": ">= 0", "num_images": ">= 0", "grid_images": "> 0",
                "layer": "> 0", "t": "in [0, 1]", "max_train_images": ">= 0", "max_val_images": ">= 0",
                "epochs": "> 0", "probe_batch_size": "> 0", "lr": "> 0", "weight_decay": ">= 0",
-               "image_size": "> 0", "batch": "> 0", "steps": "> 0", "train_steps": ">= 0"}
+               "image_size": "> 0", "batch": "> 0", "steps": "> 0", "train_steps": ">= 0",
+               "builtin_size": "> 0", "val_images": "> 0"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,7 +735,7 @@ def load_judge(path, device="cpu"):
                                 f"`python evaluate.py judge-train --data-path DATA --out {path}`")
     state = training.load_checkpoint(path)
     if state.get("kind") != "judge":
-        raise ValueError(f"{path} is not a judge file (from `evaluate.py judge-train`)")
+        raise training.UserError(f"{path} is not a judge file (from `evaluate.py judge-train`)")
     judge = Judge(state["num_classes"], state["image_size"])
     judge.load_state_dict(state["model"])
     return judge.to(device).eval()

@@ -179,11 +179,11 @@ def cache_latents(args, rank, world_size, device):
     # evaluation transform (centre crop, no random flip): the flip is stored explicitly
     ds = data.make_dataset(args.data_path, cfg.image_size, train=False, seed=args.seed,
                            builtin_size=args.builtin_size)
-    # what the cached values and their shards depend on: --resume must find the same (a checksum of
-    # the weights: a tokenizer retrained at the same path must not be mixed with its old latents)
-    settings = dict(tokenizer=os.path.abspath(args.tokenizer), weights_checksum=training.weights_checksum(tok),
-                    data_path=args.data_path, num_images=len(ds), seed=args.seed, world_size=world_size,
-                    shard_images=args.shard_images)
+    # what the cached values and their shards depend on: --resume must find the same (the tokenizer by
+    # a checksum of its weights, not its path: a retrained one must not be mixed with its old latents,
+    # a moved one may resume)
+    settings = dict(weights_checksum=training.weights_checksum(tok), data_path=args.data_path,
+                    num_images=len(ds), seed=args.seed, world_size=world_size, shard_images=args.shard_images)
     training.prepare_run_folder(args.cache_dir, args.resume, args.overwrite, holds=("meta.json", "*-latents.npy"),
                                 outputs=("*.npy", "meta.json", CACHE_SETTINGS), what="latent cache",
                                 flag="--cache-dir")
@@ -211,7 +211,8 @@ def cache_latents(args, rank, world_size, device):
     kept, t0 = 0, time.time()
     for shard, start in enumerate(range(0, len(mine), args.shard_images)):
         stem = os.path.join(args.cache_dir, f"r{rank:03d}-s{shard:04d}")
-        if os.path.isfile(stem + "-latents.npy"):
+        finished = os.path.isfile(stem + "-latents.npy")
+        if finished:
             z = np.load(stem + "-latents.npy", mmap_mode="r")
             kept += 1
         else:
@@ -227,6 +228,7 @@ def cache_latents(args, rank, world_size, device):
                 np.save(f, z)
         moments = shard_moments(z)
         total, total_sq, count = total + moments[0], total_sq + moments[1], count + moments[2]
+        training.print0(f"{stem}: {len(z)} images {'kept (finished before)' if finished else 'encoded'}")
     measured = all_reduce_moments(total, total_sq, count, device)
     # Sec. 4: normalise by scalars of the training set; a released tokenizer's own values win
     carried = tokenizer_stats(tok)
@@ -305,7 +307,8 @@ def train(args, rank, world_size, device):
                                 flag="--out")
     # ---- data: the latent cache, or images encoded on the fly ----
     if args.batch_size % world_size:
-        raise training.UserError(f"--batch-size {args.batch_size} (global) is not divisible by {world_size} processes")
+        raise training.UserError(f"--batch-size {args.batch_size} (global) is not divisible by {world_size} "
+                                 f"processes")
     local_batch = args.batch_size // world_size
     tok = None
     if not args.on_the_fly:
@@ -342,7 +345,8 @@ def train(args, rank, world_size, device):
         sampler = data.ResumableSampler(ds, rank, world_size, seed=args.seed)
     steps_per_epoch = num_items // args.batch_size
     if steps_per_epoch == 0:
-        raise training.UserError(f"the data set ({num_items} items) is smaller than one global batch ({args.batch_size})")
+        raise training.UserError(f"the data set ({num_items} items) is smaller than one global batch "
+                                 f"({args.batch_size})")
     total_steps = args.steps if args.steps else args.epochs * steps_per_epoch
     warmup_steps = args.warmup_epochs * steps_per_epoch
 
@@ -396,9 +400,10 @@ def train(args, rank, world_size, device):
         states = [{k: v.cpu() for k, v in s.items()} for s in states]
         if rank == 0:
             training.save_checkpoint(ckpt_path, {
-                "kind": "generator", "config": dataclasses.asdict(model.config), "model": model.state_dict(), "ema": ema.state_dict(),
-                "latent_mean": mean, "latent_std": std, "tokenizer": tok_path, "optimizer": opt.state_dict(),
-                "step": step, "rng": states, "nan_guard": guard.state_dict(), "settings": settings})
+                "kind": "generator", "config": dataclasses.asdict(model.config), "model": model.state_dict(),
+                "ema": ema.state_dict(), "latent_mean": mean, "latent_std": std, "tokenizer": tok_path,
+                "optimizer": opt.state_dict(), "step": step, "rng": states, "nan_guard": guard.state_dict(),
+                "settings": settings})
 
     # ---- loop ----
     model.train()

@@ -372,7 +372,7 @@ def align_loss(projected, target):
     N = target.shape[1]
     if N % L:
         raise training.UserError(f"alignment needs N/L integer: the teacher gives N = {N} tokens for L = {L} "
-                         f"latents; change --teacher-patch or --tokens")
+                                 f"latents; change --teacher-patch or --tokens")
     p = F.normalize(projected.float(), dim=-1).unsqueeze(2)                     # (B, L, 1, C)
     y = F.normalize(target.float(), dim=-1).view(B, L, N // L, C)               # (B, L, N/L, C)
     return -(p * y).sum(-1).mean()

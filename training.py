@@ -73,13 +73,14 @@ class MissingFileError(UserError, FileNotFoundError):
 
 def run_main(fn):
     """The body of every stage's `if __name__ == "__main__":`, as `run_main(lambda: main(args))`.
-    A UserError, or an OSError about a named file (a wrong path, no permission, a full disk), ends
+    A UserError, a FileNotFoundError (the model files, which import only torch, raise those for
+    missing released weights) or an OSError about a named file (no permission, a full disk) ends
     the program with one line `error: <message>` on stderr and exit status 1: the user can act on
     the message, and a traceback would bury it. Any other exception is a bug and keeps its traceback."""
     try:
         fn()
     except Exception as err:
-        if not isinstance(err, UserError) and not (isinstance(err, OSError) and err.filename):
+        if not isinstance(err, (UserError, FileNotFoundError)) and not (isinstance(err, OSError) and err.filename):
             raise
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         sys.exit(f"{rank}error: {err}")
@@ -325,7 +326,7 @@ def prepare_run_folder(folder, resume, overwrite, holds, outputs, what, flag):
     files of killed writes are removed in any case. Rank 0 changes the folder, then all wait."""
     if resume and overwrite:
         raise UserError(f"--resume continues the {what} in '{folder}', --overwrite starts it again: pass one")
-    found = [f for pattern in holds for f in sorted(glob.glob(os.path.join(folder, pattern)))]
+    found = [f for pattern in holds for f in sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))]
     if found and not (resume or overwrite):
         raise UserError(f"'{folder}' already holds a {what} ({os.path.basename(found[0])}): pass --resume "
                         f"to continue it, --overwrite to start it again (its files are deleted), or "
@@ -333,7 +334,7 @@ def prepare_run_folder(folder, resume, overwrite, holds, outputs, what, flag):
     if is_rank0():
         if overwrite:
             for pattern in outputs:
-                for f in glob.glob(os.path.join(folder, pattern)):
+                for f in glob.glob(os.path.join(glob.escape(folder), pattern)):
                     os.remove(f)
         remove_stale_temps(folder)
     if dist.is_initialized():

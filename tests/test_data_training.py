@@ -365,8 +365,14 @@ def test_run_main_prints_user_errors_as_one_line(capsys):
     assert exit_info.value.code == "error: --lr must be > 0 (got 0.0)"      # stderr, exit status 1
     with pytest.raises(SystemExit, match="No such file"):
         training.run_main(lambda: open("/nonexistent/x.json"))            # a wrong path: named
+    def released():                                                      # as the model files raise it
+        raise FileNotFoundError("released tokenizer folder not found: x/")
+    with pytest.raises(SystemExit, match="error: released tokenizer folder not found: x/"):
+        training.run_main(released)
     with pytest.raises(ZeroDivisionError):                               # a bug keeps its traceback
         training.run_main(lambda: 1 / 0)
+    with pytest.raises(ValueError, match="not a user error"):
+        training.run_main(lambda: int("not a user error"))
 
 
 def test_rng_round_trip():

@@ -372,8 +372,9 @@ def test_recon_uses_the_ema_weights(tiny_ckpt, tmp_path):
 
 
 def test_linear_probe_subcommand(tiny_ckpt, tmp_path):
-    args = SimpleNamespace(device="cpu", command="linear-probe", ckpt=tiny_ckpt, released=None, sit=None, train_path="builtin",
-                           val_path="builtin", max_train_images=40, max_val_images=20, pool="mean",
+    args = SimpleNamespace(device="cpu", command="linear-probe", ckpt=tiny_ckpt, released=None, sit=None,
+                           train_path="builtin", val_path="builtin", max_train_images=40, max_val_images=20,
+                           pool="mean",
                            epochs=2, probe_batch_size=16, lr=0.003, weight_decay=0.0, batch_size=20,
                            num_workers=0, out=str(tmp_path / "probe.json"))
     E.main(args)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, user_error
+from conftest import ROOT, run_script, user_error
 
 import generators
 import tokenizer
@@ -135,3 +135,10 @@ def test_a_user_error_is_one_line_and_exit_status_1():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_gen.py"), "--preset", "tiny", "--batch-size", "0"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr == "error: --batch-size must be > 0 (got 0)\n" and r.stdout == ""
+
+
+def test_resume_help_names_the_real_folder(capsys):
+    with pytest.raises(SystemExit):
+        run_script("train_tok.py", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "<out-dir>/<name>/ckpt.pt" in text and "runs/<name>" not in text and "--overwrite" in text
