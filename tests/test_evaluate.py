@@ -1,6 +1,7 @@
 """Tests of evaluate.py: metric math against independent references, image-set I/O, the offline
-Inception / LPIPS loaders, LAMB and linear probing, and smoke runs of the subcommands on tiny
-models. CPU only, no downloads (the Inception network gets random weights saved to a temp file)."""
+Inception / LPIPS loaders, LAMB and linear probing (separable classes must be found, also over 2
+processes), recon of the EMA weights, and the other subcommands on tiny models. CPU only, no
+downloads (the Inception network gets random weights saved to a temp file)."""
 
 import json
 import os
