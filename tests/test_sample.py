@@ -1,8 +1,8 @@
 """Tests of sample.py and pipeline_tiny.sh (CPU, tiny random models, seconds each):
 the ADM .npz that evaluate.py reads back, the grid and the nearest-neighbour check; resume keeps
 finished chunks and redraws missing ones identically; other settings are refused; a 2-process
-torchrun gives the same images as one process; DiT / MAR checkpoints sample; the README's tiny
-pipeline runs end to end with reduced steps."""
+torchrun gives the same images as one process; the EMA weights are the ones sampled; DiT / MAR
+checkpoints sample; the README's tiny pipeline runs end to end with reduced steps."""
 
 import dataclasses
 import json
