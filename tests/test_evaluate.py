@@ -332,7 +332,8 @@ def test_recon_reports_what_needs_no_weights(tiny_ckpt, tmp_path, monkeypatch, c
     args = SimpleNamespace(device="cpu", command="recon", ckpt=tiny_ckpt, released=None, data_path="builtin",
                            num_images=10, batch_size=4, num_workers=0,
                            inception=str(tmp_path / E.INCEPTION_FILE), vgg=str(tmp_path / E.VGG_FILE),
-                           out=str(tmp_path / "recon.json"), grid=str(tmp_path / "grid.png"), grid_images=4)
+                           out=str(tmp_path / "recon.json"), grid=str(tmp_path / "grid.png"), grid_images=4,
+                           save_npz=str(tmp_path / "held"))
     E.main(args)
     printed = capsys.readouterr().out
     assert f"rFID: needs {E.INCEPTION_FILE}" in printed and f"LPIPS: needs {E.VGG_FILE}" in printed
@@ -343,6 +344,11 @@ def test_recon_reports_what_needs_no_weights(tiny_ckpt, tmp_path, monkeypatch, c
     assert results["num_images"] == 10 and "rfid" not in results
     assert 0 < results["psnr"] < 60 and -1 <= results["ssim"] <= 1
     assert 0 < results["codebook_usage"] <= 1
+    inputs, recons = E.load_images_npz(args.save_npz + "-inputs.npz"), E.load_images_npz(args.save_npz + "-recons.npz")
+    assert inputs.shape == recons.shape == (10, 32, 32, 3) and not np.array_equal(inputs, recons)
+    psnr = E.psnr(torch.from_numpy(inputs).permute(0, 3, 1, 2), torch.from_numpy(recons).permute(0, 3, 1, 2))
+    assert abs(psnr.mean().item() - results["psnr"]) < 1e-4               # the same images as the metric
+    assert len(E.load_labels_npz(args.save_npz + "-inputs.npz")) == 10
     # with a feature network present the rFID is computed too (stand-in network: fast)
     monkeypatch.setattr(E, "load_inception", lambda path, device: FakeInception())
     E.main(args)
@@ -365,7 +371,8 @@ def test_recon_uses_the_ema_weights(tiny_ckpt, tmp_path):
         training.save_checkpoint(path, dict(ckpt, model=weights, ema=averaged))
         args = SimpleNamespace(device="cpu", command="recon", ckpt=path, released=None, data_path="builtin",
                                num_images=4, batch_size=4, num_workers=0, inception=str(tmp_path / "none"),
-                               vgg=str(tmp_path / "none"), out=str(tmp_path / f"{name}.json"), grid=None)
+                               vgg=str(tmp_path / "none"), out=str(tmp_path / f"{name}.json"), grid=None,
+                               save_npz=None)
         E.main(args)
         with open(args.out) as f:
             return json.load(f)
