@@ -982,9 +982,9 @@ EXPORT_CONFIG_KEY = "softvq_vae_config"
 # stops while building ("... not found") instead of loading the weights into another model
 # (its from_pretrained is not strict by default).
 NOT_OFFICIAL_VIT = f"see {EXPORT_CONFIG_KEY}"
-# TokenizerConfig fields that only training losses read: when they alone differ from what the
-# official fields give back, the official code still reproduces the outputs exactly.
-TRAINING_ONLY_FIELDS = ("entropy_temp", "vq_beta")
+# TokenizerConfig fields that only training reads (loss terms, the random init): when they alone
+# differ from what the official fields give back, the official code still reproduces the outputs.
+TRAINING_ONLY_FIELDS = ("entropy_temp", "vq_beta", "layerscale_init")
 
 
 def config_from_export(fields):

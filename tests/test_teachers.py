@@ -259,14 +259,14 @@ def test_cli_teacher_size_is_a_deprecated_alias(tmp_path, monkeypatch, capsys):
         run_train_tok(tmp_path, monkeypatch, "--preset", "tiny", "--teacher-size", "s",
                       "--fake-pretrained", "--lpips-weight", "0", "--disc-weight", "0")
     assert "alignment teacher dinov2-s (random stand-in)" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--teacher-size s contradicts --teacher clip-b16"):
+    with pytest.raises(SystemExit, match="error: --teacher-size s contradicts --teacher clip-b16"):
         run_train_tok(tmp_path, monkeypatch, "--preset", "tiny", "--teacher-size", "s",
                       "--teacher", "clip-b16")
 
 
 @pytest.mark.parametrize("kind, name", [("clip-b16", CLIP), ("eva02-clip-b16", EVA)])
 def test_full_preset_names_the_missing_teacher_file(tmp_path, monkeypatch, kind, name):
-    with pytest.raises(FileNotFoundError,
-                       match=rf"{name}.safetensors  \(from model.safetensors of "
+    with pytest.raises(SystemExit,       # a one-line user error naming the file and where to get it
+                       match=rf"{name}.safetensors \(from model.safetensors of "
                              rf"huggingface.co/timm/{name}\)"):
         run_train_tok(tmp_path, monkeypatch, "--preset", "B", "--data-path", "builtin", "--teacher", kind)

@@ -98,7 +98,7 @@ def test_other_image_sizes_keep_the_latent_length():
 
 def test_bad_inputs_raise_value_errors():
     model = make_tokenizer("tiny")
-    with pytest.raises(ValueError, match="not divisible by the patch size 4"):
+    with pytest.raises(ValueError, match="not divisible by the patch size 8"):
         model(tiny_images(1, 30))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model.encode(torch.randn(1, 1, 32, 32))
@@ -453,7 +453,8 @@ def test_save_released_round_trip_is_bit_identical(tmp_path, preset, tokens):
 def test_export_of_what_the_official_layout_cannot_say(tmp_path, overrides, official):
     """S-sized ViTs with another quantizer setting: the extra field carries it, our loader reads
     it back exactly, and only settings that keep the official outputs stay official-loadable."""
-    cfg = dataclasses.replace(PRESETS["tiny"], **_vit_dims_of("s"), **overrides)
+    cfg = dataclasses.replace(PRESETS["tiny"], **_vit_dims_of("s"), layerscale_init=tokenizer.LAYERSCALE_INIT,
+                              **overrides)
     with torch.device("meta"):
         meta_model = SoftVQVAE(cfg)
     fields = tokenizer.released_config(meta_model, 0.0, 1.0)

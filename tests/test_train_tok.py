@@ -349,7 +349,7 @@ def test_run_folder_is_never_replaced_silently(bare_home, capsys):
     (b / "ckpt.pt.tmp4242").write_bytes(first[:1000])
     capsys.readouterr()
     tok_cli(tmp_path, "--name", "b", "--iters", 6, "--resume", "--lr", 0.008)
-    assert "--resume with changed settings: iters 4 -> 6, lr 0.016 -> 0.008" in capsys.readouterr().out
+    assert "--resume with changed settings: iters 4 -> 6, lr 0.032 -> 0.008" in capsys.readouterr().out
     assert steps_logged(b) == [1, 2, 3, 4, 5, 6] and not (b / "ckpt.pt.tmp4242").exists()
     ckpt = training.load_checkpoint(str(b / "ckpt.pt"))
     assert ckpt["step"] == 6 and ckpt["train_config"]["lr"] == 0.008 and "name" not in ckpt["train_config"]
@@ -399,7 +399,7 @@ def test_nan_stop_keeps_the_checkpoint_before_and_resume_may_lower_the_lr(bare_h
     assert ckpt["step"] == 3 and ckpt["nan_guard"]["skipped"] == 0
     capsys.readouterr()
     tok_cli(tmp_path, *common, "--resume", "--lr", 0.001)
-    assert "--resume with changed settings: lr 0.016 -> 0.001" in capsys.readouterr().out
+    assert "--resume with changed settings: lr 0.032 -> 0.001" in capsys.readouterr().out
     logs = read_log(tmp_path / "n" / "log.jsonl")
     assert [r["step"] for r in logs] == list(range(1, 31))              # the NaN steps' lines dropped
     assert all(r["nan_skipped"] == 0 and r["loss"] == r["loss"] for r in logs)
@@ -586,17 +586,20 @@ def test_a_nan_step_moves_neither_weights_nor_ema():
 
 # Equivalence runs: the adversarial term off and VQ instead of SoftVQ. Those carry batch statistics
 # by design (README): the entropy term's batch average and the discriminator heads' BatchNorm are
-# taken over each micro-batch (each rank's batch), and DiffAugment draws per call. Everything
-# else is a mean over images, so accumulation and data parallelism must give the same update.
-EQUIVALENT = ("--disc-weight", "0", "--quantizer", "vq", "--grad-clip", "1.0", "--lr", "1.0", "--warmup", "1")
-LOSS_TERMS = ("loss", "recon", "lpips", "align", "codebook", "commit", "grad_norm")
+# taken over each micro-batch (each rank's batch), and DiffAugment draws per call; so does the
+# dropout of LPIPS's heads in training mode (official), hence LPIPS off too. Everything else is a
+# mean over images, so accumulation and data parallelism must give the same update.
+EQUIVALENT = ("--disc-weight", "0", "--lpips-weight", "0", "--quantizer", "vq", "--grad-clip", "1.0",
+              "--lr", "1.0", "--warmup", "1")
+LOSS_TERMS = ("loss", "recon", "align", "codebook", "commit", "grad_norm")
 
 
 def test_micro_batches_give_the_same_update():
     """--micro-batch 1 at batch 4 (4 accumulated gradients) = the whole batch at once: the same
     losses and gradient norm (Adam's update would hide a wrong gradient scale, the norm does not)
-    and weights after one step equal to fp32 rounding: to 1e-5, where Adam's first update is ~lr =
-    0.016 along sign(g), so a wrong gradient moves weights by ~0.016."""
+    gradients to fp32 rounding, and weights after one step within 1e-5 (but for a rare few whose
+    gradient is at rounding level), where Adam's first update is ~lr = 0.016 along sign(g), so a
+    wrong gradient moves weights by ~0.016."""
     whole, micro = trainer(*EQUIVALENT), trainer(*EQUIVALENT, "--micro-batch", "1")
     assert (whole.micro, micro.micro) == (4, 1)
     x = images()
@@ -608,14 +611,24 @@ def test_micro_batches_give_the_same_update():
     moved = max((p.detach() - init[n]).abs().max().item() for n, p in whole.gen.named_parameters())
     assert moved > 0.01
     for (n, p), q in zip(whole.gen.named_parameters(), micro.gen.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=n)
+        # the gradients themselves (still in .grad after the step), to fp32 rounding
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6 * scale, msg=n)
+        assert_same_first_step(p, q, n)
+
+
+def assert_same_first_step(p, q, name):
+    """Weights after Adam's first step, lr * g / (|g| + eps): equal to 1e-5 except where a gradient
+    is at rounding level, whose sign (and so a step of ~lr) rounding may flip; those are rare."""
+    off = ((p.detach() - q.detach()).abs() > 1e-5).double().mean().item()
+    assert off < 1e-3, f"{name}: {off:.2%} of the weights differ by more than 1e-5"
 
 
 def test_two_ranks_give_the_same_update_as_one(tmp_path):
     """2 gloo ranks x 2 images (each as 2 micro-batches: DDP's no_sync path) = 1 rank x 4 images,
-    the same 4 (the sampler deals one global order): same logged losses and gradient norm, and
-    weights (to 1e-5; the update is ~0.016), EMA and Adam moments after one step equal to fp32
-    rounding."""
+    the same 4 (the sampler deals one global order): same logged losses and gradient norm, Adam
+    moments (the gradients) equal to fp32 rounding, and weights and EMA after one step within 1e-5
+    (but for a rare few whose gradient is at rounding level; the update is ~0.016)."""
     flags = ["--preset", "tiny", "--batch", "4", "--iters", "1", "--fake-pretrained", "--log-every", "1",
              "--device", "cpu", *EQUIVALENT]
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
@@ -629,7 +642,10 @@ def test_two_ranks_give_the_same_update_as_one(tmp_path):
     one, two = (training.load_checkpoint(str(tmp_path / n / "ckpt.pt")) for n in ("one", "two"))
     for key in ("model", "ema", "projector"):
         for k, v in one[key].items():
-            torch.testing.assert_close(two[key][k], v, rtol=0, atol=1e-5, msg=f"{key}.{k}")
+            if v.is_floating_point():
+                assert_same_first_step(two[key][k], v, f"{key}.{k}")
+            else:
+                assert torch.equal(two[key][k], v), f"{key}.{k}"
     for i, moments in one["opt"]["state"].items():          # 0.1 g and 0.05 g^2: the gradients
         for name in ("exp_avg", "exp_avg_sq"):
             scale = moments[name].abs().max().item()
