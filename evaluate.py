@@ -32,7 +32,7 @@ Paper: "SoftVQ-VAE: Efficient 1-Dimensional Continuous Tokenizer" (arXiv 2412.10
 
 Image sets are a folder of PNG files or an ADM-style `.npz` whose `arr_0` is uint8 N x H x W x 3;
 reference batches may instead hold `mu` / `sigma` (then FID uses them, as the ADM evaluator does).
-`save_images_npz` / `load_images_npz` write / read that format (`iter_images` streams it); a file
+`data.save_images_npz` / `data.load_images_npz` write / read that format (`iter_images` streams it); a file
 that is not such an .npz (not a zip, no images, float or N x 3 x H x W arrays) is refused by name.
 Every subcommand but `flops` takes --device (default auto: a GPU if there is one).
 
@@ -49,7 +49,6 @@ Tests: `python -m pytest -q tests/test_evaluate.py`.
 import math
 import os
 import time
-import zipfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -61,6 +60,8 @@ from tqdm import tqdm
 
 import data
 import training
+from data import (BUILTIN_REF_SEED, BUILTIN_VAL_SEED, check_images, check_npz_file, count_images,  # noqa: F401
+                  iter_images, load_images_npz, load_labels_npz, save_images_npz)
 
 # ---- pretrained files (never downloaded: the user puts them there) ----
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -93,8 +94,6 @@ BENCH_BATCH = 64
 SAMPLING_STEPS = 250        # SiT SDE / DiT DDPM steps of the paper's samples (the models' default)
 TIMED_TRAIN_STEPS = 5       # optimizer steps timed after one warm-up step
 WARMUP_SAMPLING_STEPS = 2   # untimed sampling run first (kernel selection, allocator)
-PEAK_MATMUL = {"cpu": 1024}  # matmul size for the peak measurement (8192 on accelerators)
-PEAK_MIN_SECONDS = 1.0      # repeat the peak matmul at least this long
 
 # allowed range of every numeric flag of every subcommand (training.check_flags)
 FLAG_RANGES = {"batch_size": "> 0", "num_workers": ">= 0", "num_images": ">= 0", "grid_images": "> 0",
@@ -107,18 +106,6 @@ FLAG_RANGES = {"batch_size": "> 0", "num_workers": ">= 0", "num_images": ">= 0",
 # ---------------------------------------------------------------------------------------------
 # Devices and weight files
 # ---------------------------------------------------------------------------------------------
-def device_name(device):
-    """What benchmarks print as the device: the accelerator's name, or the CPU's thread count."""
-    return (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"cpu ({torch.get_num_threads()} threads)")
-
-
-def synchronize(device):
-    """Wait for queued kernels (timing); a no-op on the CPU."""
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize(device)
-
-
 def _all_reduce(t, device):
     """Sum a CPU tensor over DDP ranks (through `device`: NCCL needs GPU tensors); unchanged
     without a process group."""
@@ -146,79 +133,6 @@ def weight_file(filename, given=None, flag=None, url=None):
 # ---------------------------------------------------------------------------------------------
 # Image sets: PNG folders and ADM-style .npz batches
 # ---------------------------------------------------------------------------------------------
-def _layout_hint(dtype, shape):
-    """What to change when an image array is not uint8 (N, H, W, 3)."""
-    if len(shape) == 4 and shape[1] == 3 and shape[-1] != 3:
-        return " (channels first: transpose to N x H x W x 3)"
-    if np.dtype(dtype).kind == "f":
-        return " (floats: store the images as uint8 in 0..255, as PNGs hold them)"
-    return ""
-
-
-def _check_images(images, name):
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise training.UserError(f"{name}: expected uint8 images of shape (N, H, W, 3), got "
-                                 f"{images.dtype} {images.shape}{_layout_hint(images.dtype, images.shape)}")
-    if len(images) == 0:
-        raise training.UserError(f"{name}: holds no images (shape {images.shape}); expected N >= 1")
-
-
-def _check_npz_file(path):
-    """A missing file, or one that is not an .npz (zip) archive, named as such."""
-    if not os.path.isfile(path):
-        raise training.MissingFileError(f"{path}: no such image folder or .npz file")
-    if not zipfile.is_zipfile(path):
-        raise training.UserError(f"{path}: not an .npz file (not a zip archive); expected a PNG folder or an "
-                                 f"ADM-style .npz (arr_0: uint8 N x H x W x 3, or mu / sigma)")
-
-
-def save_images_npz(path, images, count=None, labels=None):
-    """Write uint8 images as `arr_0` (N, H, W, 3) of an ADM-style .npz, atomically (temp file, rename).
-
-    `images` is an (N, H, W, 3) array, or any iterable of (H, W, 3) images with their `count`
-    (e.g. PNGs read one at a time): the file is streamed, since 50K samples at 512 px are 39 GB.
-    `labels` (N class ids), when given, go into `arr_1` (int64), as guided-diffusion's sampler
-    writes them. The layout is what np.savez writes: an uncompressed zip of arr_0.npy (arr_1.npy)."""
-    if count is None:
-        images = np.asarray(images)
-        _check_images(images, path)
-        count = len(images)
-    with training.atomic_write(path) as out, \
-            zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            shape = None
-            for n, image in enumerate(images):
-                image = np.asarray(image)
-                _check_images(image[None], f"{path} image {n}")
-                if shape is None:
-                    shape = image.shape
-                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                              "fortran_order": False, "shape": (count, *shape)}
-                    np.lib.format.write_array_header_1_0(f, header)
-                elif image.shape != shape:
-                    raise training.UserError(f"{path}: image {n} is {image.shape}, image 0 is {shape}: mixed sizes")
-                f.write(np.ascontiguousarray(image).tobytes())
-            if shape is None or n + 1 != count:
-                raise training.UserError(f"{path}: got {0 if shape is None else n + 1} images, expected {count}")
-        if labels is not None:
-            labels = np.asarray(labels, dtype=np.int64)
-            if labels.shape != (count,):
-                raise training.UserError(f"{path}: {labels.shape} labels for {count} images")
-            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, labels)
-
-
-def load_images_npz(path):
-    """Read all of `arr_0` (uint8, N x H x W x 3) of an ADM-style .npz."""
-    _check_npz_file(path)
-    with np.load(path) as npz:
-        if "arr_0" not in npz:
-            raise training.UserError(f"{path}: no 'arr_0' images (keys: {sorted(npz.keys())})")
-        images = npz["arr_0"]
-    _check_images(images, path)
-    return images
-
-
 def save_stats(path, mu, sigma):
     """Write Inception statistics as the ADM reference batches store them (`mu`, `sigma`)."""
     with training.atomic_write(path) as f:
@@ -229,67 +143,11 @@ def load_stats(path):
     """(mu, sigma) float64 of a stats / ADM reference .npz, or None when it holds no statistics."""
     if not (path.endswith(".npz") and os.path.isfile(path)):
         return None
-    _check_npz_file(path)
+    check_npz_file(path)
     with np.load(path) as npz:
         if "mu" not in npz or "sigma" not in npz:
             return None
         return npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
-
-
-def _png_files(folder):
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
-                   for name in names if name.lower().endswith(".png"))
-    if not files:
-        raise training.UserError(f"{folder}: no .png files (image sets are PNG folders or .npz with arr_0; "
-                                 "JPEG changes FID, so samples must be stored losslessly)")
-    return files
-
-
-def _npz_header(f, source):
-    """Shape of the .npy stream `f` (arr_0 of `source`, positioned at its start), validated as
-    uint8 N x H x W x 3 with N >= 1."""
-    version = np.lib.format.read_magic(f)
-    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-            else np.lib.format.read_array_header_2_0)
-    shape, fortran, dtype = read(f)
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
-        raise training.UserError(f"{source}: arr_0 must be C-ordered uint8 (N, H, W, 3), got {dtype} "
-                                 f"{shape}{' Fortran-ordered' if fortran else ''}{_layout_hint(dtype, shape)}")
-    if shape[0] == 0:
-        raise training.UserError(f"{source}: arr_0 holds no images (shape {shape}); expected N >= 1")
-    return shape
-
-
-def count_images(source):
-    """Number of images in a PNG folder or in `arr_0` of an .npz (without reading them)."""
-    if os.path.isdir(source):
-        return len(_png_files(source))
-    _check_npz_file(source)
-    with zipfile.ZipFile(source) as zf:
-        if "arr_0.npy" not in zf.namelist():
-            raise training.UserError(f"{source}: no 'arr_0' images (it may hold only statistics mu/sigma)")
-        with zf.open("arr_0.npy") as f:
-            return _npz_header(f, source)[0]
-
-
-def iter_images(source, batch_size):
-    """Yield uint8 batches (B, H, W, 3) of a PNG folder or an .npz, streaming.
-
-    An .npz is read from the zip stream in batches (as the ADM evaluator does), so 50K images at
-    512 px (39 GB) never sit in memory at once.
-    """
-    if os.path.isdir(source):
-        files = _png_files(source)
-        for start in range(0, len(files), batch_size):
-            yield np.stack([np.asarray(data.open_rgb(p)) for p in files[start:start + batch_size]])
-        return
-    count_images(source)  # validates the file
-    with zipfile.ZipFile(source) as zf, zf.open("arr_0.npy") as f:
-        shape = _npz_header(f, source)
-        per_image = int(np.prod(shape[1:]))
-        for start in range(0, shape[0], batch_size):
-            n = min(batch_size, shape[0] - start)
-            yield np.frombuffer(bytearray(f.read(n * per_image)), np.uint8).reshape(n, *shape[1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +209,7 @@ def inception_features(inception, source, batch_size=100, device="cpu", desc="in
     """pool_3 features (N, 2048) and logits_unbiased (N, 1008), float32 on the CPU, of an image
     set (PNG folder / .npz path) or of a uint8 array (N, H, W, 3)."""
     if isinstance(source, np.ndarray):
-        _check_images(source, "images")
+        check_images(source, "images")
         total = len(source)
         batches = (source[i:i + batch_size] for i in range(0, total, batch_size))
     else:
@@ -741,12 +599,6 @@ def load_judge(path, device="cpu"):
     return judge.to(device).eval()
 
 
-def load_labels_npz(path):
-    """`arr_1` of an ADM-style .npz (the class labels guided-diffusion's sampler writes), or None."""
-    with np.load(path) as npz:
-        return npz["arr_1"].astype(np.int64) if "arr_1" in npz else None
-
-
 @torch.no_grad()
 def judge_outputs(judge, source, batch_size=256, device="cpu"):
     """Penultimate features (N, JUDGE_WIDTH) float64 and predicted classes (N,) of an image set."""
@@ -784,8 +636,6 @@ def judge_metrics(judge, sets, ref, batch_size=256, device="cpu"):
 # ---------------------------------------------------------------------------------------------
 # Tokenizers and data for `recon` / `linear-probe`
 # ---------------------------------------------------------------------------------------------
-BUILTIN_VAL_SEED = 1        # --data-path builtin: held-out generated images (training uses seed 0)
-BUILTIN_REF_SEED = 2        # a second held-out set: the reference of the judge's Frechet distance
 SUBSET_SEED = 0             # --num-images / --max-*-images: a fixed random subset of the data set
 
 
@@ -959,21 +809,6 @@ def generator_macs(preset, tokens, token_dim):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def peak_flops(device, dtype):
-    """FLOP/s of a large square matmul in `dtype` on `device`: the bound used for the fraction."""
-    n = PEAK_MATMUL.get(device.type, 8192)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b                                                   # warm-up
-    synchronize(device)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < PEAK_MIN_SECONDS:
-        a @ b
-        synchronize(device)
-        reps += 1
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
-
-
 def time_training(model, batch, steps, device, dtype):
     """Images/s of training steps (loss, backward, AdamW) after one warm-up step."""
     c = model.config
@@ -983,14 +818,14 @@ def time_training(model, batch, steps, device, dtype):
     model.train()
     for i in range(steps + 1):
         if i == 1:                                          # step 0 is the warm-up
-            synchronize(device)
+            training.synchronize(device)
             start = time.perf_counter()
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model.loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    synchronize(device)
+    training.synchronize(device)
     return batch * steps / (time.perf_counter() - start)
 
 
@@ -1007,10 +842,10 @@ def time_sampling(model, batch, steps, device, dtype):
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
             model.sample(y, steps=WARMUP_SAMPLING_STEPS, **cfg)
             rows.clear()
-            synchronize(device)
+            training.synchronize(device)
             start = time.perf_counter()
             model.sample(y, steps=steps, **cfg)
-            synchronize(device)
+            training.synchronize(device)
     finally:
         hook.remove()
     return batch / (time.perf_counter() - start), sum(rows) / batch
@@ -1088,9 +923,8 @@ def main_linear_probe(args):
         if args.sit is None:                            # Fig. 3a: the tokenizer's latents
             model = load_tokenizer_from_args(args).to(device).eval()
         else:                                           # Fig. 3b: a SiT's intermediate features
-            import sample
             tok_path = args.ckpt or args.released        # None: the one the SiT checkpoint names
-            sit, model, mean, std, _ = sample.load_models(SimpleNamespace(ckpt=args.sit, tokenizer=tok_path),
+            sit, model, mean, std, _ = training.load_models(SimpleNamespace(ckpt=args.sit, tokenizer=tok_path),
                                                           flag="--sit")
             sit, model = sit.to(device), model.to(device)
             g = torch.Generator(device).manual_seed(SUBSET_SEED + rank)
@@ -1136,8 +970,8 @@ def main_throughput(args):
     with training.distributed(args.device) as (_, _, _, device):
         dtype = DTYPES[args.dtype]
         torch.manual_seed(0)
-        peak = peak_flops(device, dtype)
-        print(f"device: {device_name(device)}, {args.dtype}, matmul peak {peak / 1e12:.3f} TFLOP/s")
+        peak = training.peak_flops(device, dtype)
+        print(f"device: {training.device_name(device)}, {args.dtype}, matmul peak {peak / 1e12:.3f} TFLOP/s")
         print(f"{'model':8} {'L':>3} {'batch':>5} {'steps':>5} {'train img/s':>11} {'sample img/s':>12} "
               f"{'fwd/img':>7} {'TFLOP/s':>8} {'of peak':>7}")
         for preset in args.models:

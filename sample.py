@@ -56,9 +56,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-import evaluate
 import generators
-import tokenizer as tokenizer_lib
 import training
 
 # ---- presets: App. C.2 sampling settings (CFG scales from generators.PAPER_CFG) ----
@@ -88,49 +86,6 @@ def resolve(args):
     cfg.update({k: v for k, v in vars(args).items() if v is not None or k not in cfg})
     cfg["guidance_interval"] = tuple(float(v) for v in cfg["guidance_interval"])
     return argparse.Namespace(**cfg)
-
-
-def load_models(args, flag="--ckpt"):
-    """(generator, tokenizer, latent mean, latent std, tokenizer path) from --ckpt / --tokenizer.
-
-    A file is a train_gen.py checkpoint (its EMA weights, the paper samples with EMA; its
-    tokenizer path and latent statistics); a folder is a released SiT / DiT, which needs
-    --tokenizer (a released tokenizer folder carries the latent mean / std as vq_mean / vq_std;
-    our exports, generators.save_released, also carry them in the generator's config, which wins).
-    A missing, damaged or tokenizer checkpoint is a UserError naming `flag` (the option of args.ckpt)."""
-    if args.ckpt is None:
-        raise training.UserError(f"no generator given: pass {flag} <train_gen.py ckpt.pt or released SiT/DiT folder>")
-    if os.path.isdir(args.ckpt):
-        model = generators.load_released(args.ckpt)
-        if args.tokenizer is None:
-            raise training.UserError(f"'{args.ckpt}' is a released generator: pass --tokenizer <released "
-                                     "tokenizer folder>")
-        # our exports carry the statistics the generator was trained with; official ones do not
-        tok_path, (mean, std) = args.tokenizer, model.latent_stats or (None, None)
-    else:
-        ckpt = training.load_checkpoint(args.ckpt, "generator", flag)
-        model = generators.build_generator(generators.GeneratorConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["ema"])
-        tok_path = args.tokenizer or ckpt["tokenizer"]
-        mean, std = float(ckpt["latent_mean"]), float(ckpt["latent_std"])
-    tok_flag = "--tokenizer" if args.tokenizer else f"the tokenizer path stored in '{args.ckpt}'"
-    tok = (tokenizer_lib.load_released(tok_path) if os.path.isdir(tok_path)
-           else training.load_tokenizer(tok_path, flag=tok_flag))
-    carried = float(tok.latent_mean), float(tok.latent_std)         # float32 buffers
-    if mean is not None and carried != (0.0, 1.0) and not all(
-            math.isclose(a, b, rel_tol=1e-6) for a, b in zip(carried, (mean, std))):
-        training.print0(f"warning: tokenizer '{tok_path}' carries latent mean / std {carried}, the generator "
-                        f"({mean}, {std}); sampling uses the generator's")
-    if mean is None:
-        mean, std = carried
-        if (mean, std) == (0.0, 1.0):
-            training.print0(f"warning: tokenizer '{tok_path}' carries no latent statistics (mean 0, std 1); "
-                            "a released generator expects its released tokenizer's vq_mean / vq_std")
-    c, t = model.config, tok.config
-    if (c.num_tokens, c.token_dim) != (t.num_tokens, t.token_dim):
-        raise training.UserError(f"generator models {c.num_tokens}x{c.token_dim} latents, tokenizer '{tok_path}' "
-                                 f"makes {t.num_tokens}x{t.token_dim}")
-    return model.eval(), tok.eval(), mean, std, tok_path
 
 
 @torch.no_grad()
@@ -168,7 +123,7 @@ def nn_check(samples, labels, args, tok, mean, std, device):
     produces before training); uniform noise. Same count and labels as the samples."""
     size, n = samples.shape[1], len(samples)
     train = data.make_dataset(args.nn_check, size, train=False)
-    held = data.make_dataset(args.nn_check, size, train=False, seed=evaluate.BUILTIN_VAL_SEED)
+    held = data.make_dataset(args.nn_check, size, train=False, seed=data.BUILTIN_VAL_SEED)
     ref = torch.stack([train[i][0] for i in range(min(NN_REF_IMAGES, len(train)))])
     ref_labels = torch.tensor([train[i][1] for i in range(len(ref))])
     real = torch.stack([held[i][0] for i in range(n)])
@@ -204,7 +159,7 @@ def main(args):
 
 
 def run(args, rank, world_size, device):
-    model, tok, mean, std, tok_path = load_models(args)
+    model, tok, mean, std, tok_path = training.load_models(args)
     # a checksum of the weights (on the CPU, so any device agrees): a retrained checkpoint at the
     # same path must not reuse the old samples
     checksum = training.weights_checksum(model, tok)
@@ -273,7 +228,7 @@ def run(args, rank, world_size, device):
     if rank != 0:
         return
     npz = os.path.join(args.out, "samples.npz")
-    evaluate.save_images_npz(npz, (read_png(png_path(args, i)) for i in range(args.num_images)),
+    data.save_images_npz(npz, (read_png(png_path(args, i)) for i in range(args.num_images)),
                              count=args.num_images, labels=np.arange(args.num_images) % c.num_classes)
     # image i has class i % C: images c, c + C, c + 2C, ... of class c make its row
     per_class = min(GRID_COLUMNS, args.num_images // c.num_classes)
@@ -289,7 +244,7 @@ def run(args, rank, world_size, device):
           f"({bar.n} new on rank 0 in {elapsed:.1f}s)", flush=True)
     if args.nn_check:
         labels = torch.arange(args.num_images) % c.num_classes
-        summary["nn_check"] = nn_check(evaluate.load_images_npz(npz), labels, args, tok, mean, std, device)
+        summary["nn_check"] = nn_check(data.load_images_npz(npz), labels, args, tok, mean, std, device)
         print("nearest real training image (per-pixel RMSE in [0, 1], lower = closer; class match):")
         for name, r in summary["nn_check"].items():
             print(f"  {name:24s} {r['nn_rmse']:.4f}   {100 * r['nn_class_match']:.1f}%")

@@ -725,7 +725,6 @@ def run(args, rank, world, device):
     # ---- benchmark: N timed iterations on a fixed random batch, every term active ----
     if args.benchmark:
         from torch.utils.flop_counter import FlopCounterMode
-        import evaluate                                         # synchronize, peak_flops, device_name
         step = max(args.disc_start, args.lpips_warmup)          # full LPIPS weight, discriminator on
         x = torch.rand(local_batch, 3, image_size, image_size, device=device) * 2 - 1
         for _ in range(args.benchmark_warmup):
@@ -740,12 +739,12 @@ def run(args, rank, world, device):
         profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                            ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
                     if args.benchmark_profile else nullcontext())
-        evaluate.synchronize(device)
+        training.synchronize(device)
         t0 = time.perf_counter()
         with profiler:
             for _ in range(args.benchmark):
                 discriminator_step(x, generator_step(x, step)[1], step)
-            evaluate.synchronize(device)
+            training.synchronize(device)
         sec = (time.perf_counter() - t0) / args.benchmark
         peak = (getattr(torch, device.type).max_memory_allocated(device) if device.type != "cpu"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: peak RSS
@@ -755,7 +754,7 @@ def run(args, rank, world, device):
         # fastest this step could run on this device at its FLOP count. (CPUs: fp32 even under
         # --precision bf16, whose matmuls most CPUs emulate far below the fp32 rate.)
         peak_bf16 = use_bf16 and device.type != "cpu"
-        matmul = evaluate.peak_flops(device, torch.bfloat16 if peak_bf16 else torch.float32)
+        matmul = training.peak_flops(device, torch.bfloat16 if peak_bf16 else torch.float32)
         result = {"img_per_s": round(local_batch * world / sec, 3),
                   "ms_per_step": round(sec * 1000, 1),
                   "peak_mem_gb": round(peak / 2 ** 30, 2),
@@ -766,7 +765,7 @@ def run(args, rank, world, device):
                   "matmul_peak_tflops": round(matmul / 1e12, 4),
                   "mfu": round((gen_f + disc_f) / sec / matmul, 3),
                   "img_per_s_at_peak": round(matmul * local_batch / (gen_f + disc_f), 3),
-                  "device": evaluate.device_name(device),
+                  "device": training.device_name(device),
                   "preset": args.preset, "tokens": args.tokens, "image_size": image_size,
                   "batch": local_batch, "precision": "bf16" if use_bf16 else "fp32"}
         print0(json.dumps(result))

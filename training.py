@@ -20,6 +20,8 @@
   use_bf16(precision, device)     --precision auto | bf16 | fp32 -> bf16 autocast or not
   cosine_lr(step, ...)            linear warm-up then cosine decay to a minimum
   load_tokenizer(path, ema=True)  rebuild a SoftVQ-VAE from a train_tok.py checkpoint
+  load_models(args)               generator + its tokenizer + latent mean / std (sample.py, evaluate.py)
+  synchronize / device_name / peak_flops   timing helpers of the benchmarks (train_tok, evaluate)
   weights_checksum(*modules)      a number that changes with any weight (output folders record it)
 
 Checkpoints hold only tensors, dicts, lists, tuples, strings and numbers, so they load with
@@ -45,6 +47,7 @@ import random
 import re
 import signal
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -565,3 +568,81 @@ def average_gradients(params):
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+# ---- devices and timing (benchmarks of train_tok.py and evaluate.py) ----
+PEAK_MATMUL = {"cpu": 1024}  # matmul size for the peak measurement (8192 on accelerators)
+PEAK_MIN_SECONDS = 1.0      # repeat the peak matmul at least this long
+
+
+def device_name(device):
+    """What benchmarks print as the device: the accelerator's name, or the CPU's thread count."""
+    return (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu ({torch.get_num_threads()} threads)")
+
+
+def synchronize(device):
+    """Wait for queued kernels (timing); a no-op on the CPU."""
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
+
+
+def peak_flops(device, dtype):
+    """FLOP/s of a large square matmul in `dtype` on `device`: the bound used for the fraction."""
+    n = PEAK_MATMUL.get(device.type, 8192)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b                                                   # warm-up
+    synchronize(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < PEAK_MIN_SECONDS:
+        a @ b
+        synchronize(device)
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def load_models(args, flag="--ckpt"):
+    """(generator, tokenizer, latent mean, latent std, tokenizer path) from --ckpt / --tokenizer.
+
+    A file is a train_gen.py checkpoint (its EMA weights, the paper samples with EMA; its
+    tokenizer path and latent statistics); a folder is a released SiT / DiT, which needs
+    --tokenizer (a released tokenizer folder carries the latent mean / std as vq_mean / vq_std;
+    our exports, generators.save_released, also carry them in the generator's config, which wins).
+    A missing, damaged or tokenizer checkpoint is a UserError naming `flag` (the option of args.ckpt)."""
+    import generators            # deferred, as in load_tokenizer
+    import tokenizer as tokenizer_lib
+
+    if args.ckpt is None:
+        raise UserError(f"no generator given: pass {flag} <train_gen.py ckpt.pt or released SiT/DiT folder>")
+    if os.path.isdir(args.ckpt):
+        model = generators.load_released(args.ckpt)
+        if args.tokenizer is None:
+            raise UserError(f"'{args.ckpt}' is a released generator: pass --tokenizer <released "
+                                     "tokenizer folder>")
+        # our exports carry the statistics the generator was trained with; official ones do not
+        tok_path, (mean, std) = args.tokenizer, model.latent_stats or (None, None)
+    else:
+        ckpt = load_checkpoint(args.ckpt, "generator", flag)
+        model = generators.build_generator(generators.GeneratorConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["ema"])
+        tok_path = args.tokenizer or ckpt["tokenizer"]
+        mean, std = float(ckpt["latent_mean"]), float(ckpt["latent_std"])
+    tok_flag = "--tokenizer" if args.tokenizer else f"the tokenizer path stored in '{args.ckpt}'"
+    tok = (tokenizer_lib.load_released(tok_path) if os.path.isdir(tok_path)
+           else load_tokenizer(tok_path, flag=tok_flag))
+    carried = float(tok.latent_mean), float(tok.latent_std)         # float32 buffers
+    if mean is not None and carried != (0.0, 1.0) and not all(
+            math.isclose(a, b, rel_tol=1e-6) for a, b in zip(carried, (mean, std))):
+        print0(f"warning: tokenizer '{tok_path}' carries latent mean / std {carried}, the generator "
+                        f"({mean}, {std}); sampling uses the generator's")
+    if mean is None:
+        mean, std = carried
+        if (mean, std) == (0.0, 1.0):
+            print0(f"warning: tokenizer '{tok_path}' carries no latent statistics (mean 0, std 1); "
+                            "a released generator expects its released tokenizer's vq_mean / vq_std")
+    c, t = model.config, tok.config
+    if (c.num_tokens, c.token_dim) != (t.num_tokens, t.token_dim):
+        raise UserError(f"generator models {c.num_tokens}x{c.token_dim} latents, tokenizer '{tok_path}' "
+                                 f"makes {t.num_tokens}x{t.token_dim}")
+    return model.eval(), tok.eval(), mean, std, tok_path

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import generators as G
+import training
 from conftest import run_script
 
 OFFICIAL_SHAPES = os.path.join(os.path.dirname(__file__), "reference", "official-state-dict-shapes.json")
@@ -743,7 +744,6 @@ def test_export_refuses_mar_and_bad_checkpoints(tmp_path):
 def test_export_command_writes_a_pair_that_samples_as_trained(tmp_path, capsys):
     """generators.py --export: EMA weights and latent statistics to the generator folder, the
     tokenizer it was trained on to --tokenizer-out with those statistics as vq_mean / vq_std."""
-    import sample
     import tokenizer
     torch.manual_seed(0)
     tok = tokenizer.make_tokenizer("tiny", tokens=8, token_dim=4, num_codebooks=2).eval()
@@ -761,7 +761,7 @@ def test_export_command_writes_a_pair_that_samples_as_trained(tmp_path, capsys):
     released_tok = tokenizer.load_released(str(tmp_path / "tok"))
     assert released_tok.latent_mean.item() == pytest.approx(0.0123)
     # sample.py reads the pair with the statistics of the training checkpoint
-    _, _, mean, std, _ = sample.load_models(argparse.Namespace(ckpt=str(tmp_path / "sit"),
+    _, _, mean, std, _ = training.load_models(argparse.Namespace(ckpt=str(tmp_path / "sit"),
                                                                tokenizer=str(tmp_path / "tok")))
     assert (mean, std) == (0.0123, 0.456)
 
