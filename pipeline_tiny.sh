@@ -54,12 +54,12 @@ stage recon      $PY evaluate.py recon --ckpt "$TOK" --data-path builtin --num-i
 # ---- the table: every set of N images against N other held-out images (the reference) ----
 $PY - "$EVAL/reference.npz" "$N" <<'EOF'
 import sys
-import numpy as np
-import data, evaluate, training
+import torch
+import data, training
 path, n = sys.argv[1], int(sys.argv[2])
-ref = data.make_dataset("builtin", 32, train=False, seed=evaluate.BUILTIN_REF_SEED, builtin_size=n)
-evaluate.save_images_npz(path, training.to_uint8(
-    __import__("torch").stack([ref[i][0] for i in range(n)])).permute(0, 2, 3, 1).numpy())
+ref = data.make_dataset("builtin", 32, train=False, seed=data.BUILTIN_REF_SEED, builtin_size=n)
+images = torch.stack([ref[i][0] for i in range(n)])
+data.save_images_npz(path, training.to_uint8(images).permute(0, 2, 3, 1).numpy())
 EOF
 CFG=$($PY -c "import sample; print(sample.PRESETS['tiny']['cfg_scale'])")
 stage judging    $PY evaluate.py judge --judge "$RUNS/judge-tiny.pt" --ref "$EVAL/reference.npz" --out "$EVAL/judge.json" \
