@@ -978,16 +978,9 @@ def save_released(model, folder, latent_mean, latent_std):
     """Write a SiT / DiT as a released folder: config.json (released_config) + model.safetensors
     (released_state_dict). load_released(folder) gives back the same network, config and
     latent_stats. Non-finite weights are refused, naming them. Returns the config.json fields."""
-    from safetensors.torch import save_file
+    from tokenizer import write_released_folder      # deferred: this file imports only torch
     meta = released_config(model, latent_mean, latent_std)
-    state = {k: v.detach().cpu().contiguous() for k, v in released_state_dict(model).items()}
-    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all())
-    if bad:
-        raise ValueError(f"cannot export non-finite weights: {bad}")
-    os.makedirs(folder, exist_ok=True)
-    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+    write_released_folder(folder, meta, released_state_dict(model))
     return meta
 
 

@@ -1057,9 +1057,17 @@ def save_released(model, folder, latent_mean=None, latent_std=None):
     load_released's mapping, with the official usage buffer and unused decoder patch embedding,
     zero-filled). tokenizer.load_released(folder) gives back a model with bit-identical outputs.
     Non-finite weights are refused, naming them. Returns the config.json fields."""
-    from safetensors.torch import save_file
     fields = released_config(model, latent_mean, latent_std)
-    state = {k: v.detach().cpu().contiguous() for k, v in released_state_dict(model).items()}
+    write_released_folder(folder, fields, released_state_dict(model))
+    return fields
+
+
+def write_released_folder(folder, fields, state_dict):
+    """folder/config.json (fields) + folder/model.safetensors (state_dict), as the model hub's
+    save_pretrained writes them; non-finite weights are refused, naming them. Serves the tokenizer
+    and the generators' save_released."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all())
     if bad:
         raise ValueError(f"cannot export non-finite weights: {bad}")
@@ -1067,7 +1075,6 @@ def save_released(model, folder, latent_mean=None, latent_std=None):
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(fields, f, indent=2, sort_keys=True)  # as huggingface_hub's save_pretrained
-    return fields
 
 
 def export_checkpoint(ckpt, folder, ema=True, latent_mean=None, latent_std=None):
