@@ -994,6 +994,9 @@ def main_throughput(args):
 
 
 def main_judge_train(args):
+    if args.val_path is None and args.data_path != data.BUILTIN:   # builtin: held-out images exist
+        raise training.UserError("judge-train on an ImageFolder needs --val-path (held-out images for "
+                                 "its accuracy; the training images would overstate it)")
     dataset = data.make_dataset(args.data_path, args.image_size, train=True, seed=0,
                                 builtin_size=args.builtin_size)
     judge = train_judge(dataset, args.epochs, args.batch_size, args.lr, num_workers=args.num_workers)
@@ -1108,8 +1111,8 @@ if __name__ == "__main__":
 
     p = sub.add_parser("judge-train", help="train the offline classifier judge on a data set")
     p.add_argument("--data-path", required=True, help=f"ImageFolder (training split) or '{data.BUILTIN}'")
-    p.add_argument("--val-path", default=None, help="held-out ImageFolder for its accuracy "
-                                                    "(default: --data-path; builtin: held-out images)")
+    p.add_argument("--val-path", default=None, help="held-out ImageFolder for its accuracy (needed "
+                                                    "with an ImageFolder; builtin: its held-out images)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--builtin-size", type=int, default=10000, help="training images of the built-in set")
     p.add_argument("--val-images", type=int, default=2000, help="held-out images for the accuracy")
