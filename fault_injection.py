@@ -44,6 +44,8 @@ import training
 ROOT = os.path.dirname(os.path.abspath(__file__))
 KILLS_PER_TRIAL = 3
 TIMED_FRACTION = 0.3          # share of kills at a random moment (the rest inside a write)
+TIMED_SPAN = (0.05, 0.7)      # ... drawn in this part of the work left (the reference's pace; a
+                              # run that turns out faster would finish before a later kill)
 DAMAGE_PROBABILITY = 0.3      # after a kill of a training run: damage its newest checkpoint
 TEMP = re.compile(r".+\.tmp\d+")
 
@@ -229,7 +231,7 @@ def draw_kill(stage, out, rng, seconds):
         return None
     if rng.random() < TIMED_FRACTION:
         share = left / STAGES[stage]["writes"][pattern][0]
-        return {**kill, "after": round(seconds * share * rng.random(), 2)}
+        return {**kill, "after": round(seconds * share * rng.uniform(*TIMED_SPAN), 2)}
     n = rng.randint(1, left)
     points = STAGES[stage]["writes"][pattern][1]
     if n == 1 and not os.path.isfile(os.path.join(out, pattern)):   # no checkpoint to rotate yet
