@@ -302,6 +302,9 @@ class TokenizerConfig:
     # LayerScale gammas of randomly initialised blocks: timm's DINOv2 value 1e-5 (official); a
     # DINOv2-initialised encoder loads its own. The tiny preset, random on both sides, uses 1.0.
     layerscale_init: float = LAYERSCALE_INIT
+    # Routing init (not in the paper; see routing_init_): start the random encoder and decoder as a
+    # local autoencoder, latent j <-> patch region j. The tiny preset uses it; official: False.
+    routing_init: bool = False
 
 
 def _vit_dims(prefix, size):
@@ -315,10 +318,11 @@ PRESETS = {
     "B": TokenizerConfig(**_vit_dims("enc", "b"), **_vit_dims("dec", "b")),
     "BL": TokenizerConfig(**_vit_dims("enc", "b"), **_vit_dims("dec", "l")),
     "L": TokenizerConfig(**_vit_dims("enc", "l"), **_vit_dims("dec", "l")),
-    # CPU preset (~1M parameters): 32x32 images, 8x8 patches (N = 16), small codebooks, LayerScale
-    # at 1.0 (random init on both sides; see README "Why the tiny tokenizer stalled").
+    # CPU preset (~1M parameters): 32x32 images, 8x8 patches (N = 16), small codebooks; random init
+    # on both sides, so LayerScale at 1.0 and the routing init (README "Why the tiny tokenizer stalled").
     "tiny": TokenizerConfig(image_size=32, patch_size=8, enc_width=96, enc_depth=4, enc_heads=3,
-                            dec_width=96, dec_depth=4, dec_heads=3, codebook_size=256, layerscale_init=1.0),
+                            dec_width=96, dec_depth=4, dec_heads=3, codebook_size=1024, layerscale_init=1.0,
+                            routing_init=True),
 }
 
 # quantizer name -> (its keyword argument, the config field that fills it)
@@ -334,6 +338,91 @@ QUANTIZER_ARGS = {
     "kl": (("kl_weight", "kl_weight"),),
     "ae": (),
 }
+
+
+# =============================================================================================
+# Routing init: a spatial prior for a tokenizer trained from scratch
+# =============================================================================================
+# With random weights every attention map is uniform: the encoder's latent tokens see only the
+# image's average and the decoder's mask tokens (which differ only by their positions) only the
+# latents' average. Both halves must learn position-selective attention before any detail passes,
+# and neither learns it while the other is blind (a saddle; README "Why the tiny tokenizer
+# stalled"). The official model never meets this: its encoder starts from DINOv2, whose attention
+# is already local. routing_init_ wires the random blocks so that the untrained tokenizer starts as
+# a local autoencoder (latent j reads patch region j; mask token i reads the latent of its region),
+# a starting point that training is free to leave. It only sets initial values (the same
+# architecture and parameters), like mimetic init of self-attention (Trockman & Kolter, 2023).
+ROUTING_QK_GAIN = 3.0       # beta of q.k = beta <p_i, p_j>: 99.7% of the attention on the own region
+ROUTING_SUBPOSITION = 0.1   # a patch's own code beside its region's: small, so that a latent attends
+                            # to its patches about as much as to itself
+
+
+def routing_regions(num_tokens, grid):
+    """Which patches each latent token starts with: (region of every patch (h*w,), region of every
+    latent (L,)). L < N: the latents tile the (h, w) patch grid in rectangles, as square as L
+    allows (L = 32 on 8x8 patches: 2x1 patches each); L >= N: L / N latents per patch."""
+    h, w = grid
+    if num_tokens >= h * w:
+        if num_tokens % (h * w):
+            raise ValueError(f"routing_init needs L = {num_tokens} latent tokens to be a multiple of "
+                             f"the {h}x{w} = {h * w} patches, or to tile them; choose another number "
+                             f"of tokens or routing_init=False")
+        return torch.arange(h * w), torch.arange(num_tokens) % (h * w)
+    cols = next(c for c in range(math.isqrt(num_tokens - 1) + 1, num_tokens + 1) if num_tokens % c == 0)
+    rows = num_tokens // cols
+    if h % rows or w % cols:
+        raise ValueError(f"routing_init needs the L = {num_tokens} latent tokens to tile the "
+                         f"{h}x{w} patch grid ({rows}x{cols} latents do not); choose another "
+                         f"number of tokens or routing_init=False")
+    patch_region = torch.arange(h)[:, None] // (h // rows) * cols + torch.arange(w)[None, :] // (w // cols)
+    return patch_region.flatten(), torch.arange(num_tokens)
+
+
+@torch.no_grad()
+def routing_init_(model):
+    """Re-initialise a random SoftVQVAE in place as a local autoencoder (config.routing_init).
+
+    Every block's channels are split: the first P = head_dim carry position only, the rest content.
+      * positions: region j (routing_regions) gets a random code r_j on the P channels; patch (or
+        mask) position i = r_region(i) + ROUTING_SUBPOSITION * its own code s_i; the encoder's and
+        the decoder's latent positions = the codes of their regions. The patch embedding, post_quant_conv and the latent
+        and mask tokens write nothing to the position channels.
+      * attention: every head's q and k read the position channels only (W_q = W_k = sqrt(beta) I),
+        so a token attends to the tokens of its own region; values and the output projection copy
+        the content channels (W_o W_v = I on them), so what is attended to is passed on unchanged.
+    The MLPs, quant_conv, the quantizer and the pixel head keep their random init.
+    """
+    cfg = model.config
+    grid = (cfg.image_size // cfg.patch_size,) * 2
+    patch_region, latent_region = routing_regions(cfg.num_tokens, grid)
+    regions = min(cfg.num_tokens, grid[0] * grid[1])
+    for vit, latent_pos, own_token in ((model.encoder.model, model.encoder.latent_pos_embed,
+                                        model.encoder.latent_tokens),
+                                       (model.decoder.model, model.decoder.latent_pos_embed,
+                                        model.decoder.mask_token)):
+        width, heads = vit.width, vit.blocks[0].attn.heads
+        P = width // heads
+        codes = torch.randn(regions, P)                                # r_j
+        own = torch.randn(grid[0] * grid[1], P)                        # s_i
+        vit.pos_embed.zero_()                                          # cls: no position
+        vit.pos_embed[0, 1:, :P] = codes[patch_region] + ROUTING_SUBPOSITION * own
+        latent_pos.zero_()
+        latent_pos[0, :, :P] = codes[latent_region]
+        own_token[..., :P] = 0
+        eye_pos, eye_content = torch.eye(P, width), torch.eye(width)[P:]
+        for block in vit.blocks:
+            qkv, proj = block.attn.qkv, block.attn.proj
+            qkv.weight.zero_(), qkv.bias.zero_(), proj.weight.zero_(), proj.bias.zero_()
+            for h in range(heads):                                     # q rows, then k rows
+                qkv.weight[h * P:(h + 1) * P] = ROUTING_QK_GAIN ** 0.5 * eye_pos
+                qkv.weight[width + h * P:width + (h + 1) * P] = ROUTING_QK_GAIN ** 0.5 * eye_pos
+            qkv.weight[2 * width + P:] = eye_content                   # v: content channels
+            proj.weight[P:] = eye_content
+    for layer, vit in ((model.encoder.model.patch_embed.proj, model.encoder.model),
+                       (model.post_quant_conv, model.decoder.model)):
+        P = vit.width // vit.blocks[0].attn.heads
+        layer.weight[:P] = 0
+        layer.bias[:P] = 0
 
 
 # =============================================================================================
@@ -414,6 +503,8 @@ class SoftVQVAE(nn.Module):
         # decoder's latents start on a par with their position embeddings.
         self.register_buffer("latent_mean", torch.zeros(()))
         self.register_buffer("latent_std", torch.ones(()))
+        if config.routing_init:
+            routing_init_(self)
 
     def _encode(self, x):
         """Images -> (z_q, losses, info) from the quantizer."""
@@ -984,7 +1075,7 @@ EXPORT_CONFIG_KEY = "softvq_vae_config"
 NOT_OFFICIAL_VIT = f"see {EXPORT_CONFIG_KEY}"
 # TokenizerConfig fields that only training reads (loss terms, the random init): when they alone
 # differ from what the official fields give back, the official code still reproduces the outputs.
-TRAINING_ONLY_FIELDS = ("entropy_temp", "vq_beta", "layerscale_init")
+TRAINING_ONLY_FIELDS = ("entropy_temp", "vq_beta", "layerscale_init", "routing_init")
 
 
 def config_from_export(fields):

@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 
 import evaluate    # noqa: E402
 import generators  # noqa: E402
+import sample      # noqa: E402
 import tokenizer   # noqa: E402
 import training    # noqa: E402
 
@@ -161,9 +162,11 @@ def test_pipeline_script_runs_end_to_end(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (tmp_path / "eval-tiny" / "table.txt").read_text()
-    for row in ("real held-out images (floor)", "tokenizer reconstructions", "samples, CFG 1.5",
+    cfg = sample.PRESETS["tiny"]["cfg_scale"]
+    for row in ("real held-out images (floor)", "tokenizer reconstructions", f"samples, CFG {cfg}",
                 "samples, no CFG", "decoded random latents (ceiling)", "FD (built-in classifier)",
-                "tokenizer PSNR", "judge accuracy on real held-out images", "time: total"):
+                "tokenizer PSNR", "mean training image PSNR", "judge accuracy on real held-out images",
+                "time: total"):
         assert row in table, row
     judged = json.loads((tmp_path / "eval-tiny" / "judge.json").read_text())["sets"]
     assert all(row["num_images"] == 20 for row in judged.values())        # every row: the same N

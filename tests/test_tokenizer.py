@@ -454,6 +454,7 @@ def test_export_of_what_the_official_layout_cannot_say(tmp_path, overrides, offi
     """S-sized ViTs with another quantizer setting: the extra field carries it, our loader reads
     it back exactly, and only settings that keep the official outputs stay official-loadable."""
     cfg = dataclasses.replace(PRESETS["tiny"], **_vit_dims_of("s"), layerscale_init=tokenizer.LAYERSCALE_INIT,
+                              routing_init=False,
                               **overrides)
     with torch.device("meta"):
         meta_model = SoftVQVAE(cfg)
@@ -512,3 +513,57 @@ def test_export_command_writes_ema_or_raw_weights(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds no 'ema' weights"):
         torch.save({"config": dataclasses.asdict(live.config), "model": live.state_dict()}, ckpt)
         tokenizer.export_checkpoint(str(ckpt), tmp_path / "none")
+
+
+def _patch_dependence(model, image_size=32):
+    """(N, N) matrix: row p = how the gradient of output patch p spreads over the input patches
+    (fractions summing to 1), on a batch of built-in images, at the model's current weights."""
+    import data
+    p = model.config.patch_size
+    g = image_size // p
+    held = data.SyntheticShapes(8, image_size, seed=3, train=False)
+    x = torch.stack([held[i][0] for i in range(len(held))]).requires_grad_(True)
+    out = model(x)[0]
+    rows = []
+    for i in range(g * g):
+        r, c = divmod(i, g)
+        grad, = torch.autograd.grad(out[:, :, r * p:(r + 1) * p, c * p:(c + 1) * p].pow(2).sum(), x,
+                                    retain_graph=True)
+        share = grad.abs().sum((0, 1)).reshape(g, p, g, p).sum((1, 3)).flatten()
+        rows.append(share / share.sum())
+    return torch.stack(rows)
+
+
+def test_routing_init_starts_the_tokenizer_as_a_local_autoencoder():
+    """routing_init (the tiny preset's): before any training, output patch p is made from input
+    patch p alone (L = N: one latent per patch), or from the patches of its latent's region
+    (L < N); with the official random init it depends on every patch alike (uniform attention).
+    Fails if q/k do not read the position channels, if the encoder's and the decoder's latent
+    positions do not match their regions, or if the values do not pass the content on."""
+    torch.manual_seed(0)
+    routed = tokenizer.make_tokenizer("tiny", 16, "softvq", token_dim=32).eval()
+    assert routed.config.routing_init
+    share = _patch_dependence(routed)
+    assert share.diag().min() > 0.9, share.diag()
+    plain = tokenizer.make_tokenizer("tiny", 16, "softvq", token_dim=32, routing_init=False).eval()
+    assert _patch_dependence(plain).diag().max() < 2.0 / 16
+    # L = 4 latents over 4x4 patches: each latent owns a 2x2 block; output patch p reads its block
+    coarse = tokenizer.make_tokenizer("tiny", 4, "ae", token_dim=32).eval()
+    share = _patch_dependence(coarse)
+    region = torch.tensor([(r // 2) * 2 + c // 2 for r in range(4) for c in range(4)])
+    same = (region[:, None] == region[None, :]).float()
+    assert (share * same).sum(1).min() > 0.9, (share * same).sum(1)
+
+
+def test_routing_regions_tile_the_grid_or_say_why():
+    patch, latent = tokenizer.routing_regions(16, (4, 4))            # one latent per patch
+    assert patch.tolist() == list(range(16)) and latent.tolist() == list(range(16))
+    patch, latent = tokenizer.routing_regions(8, (8, 8))             # 2 x 4 latents of 4 x 2 patches
+    assert patch.view(8, 8)[:4, :2].unique().tolist() == [0] and patch.view(8, 8)[4:, 6:].unique().tolist() == [7]
+    assert torch.bincount(patch).tolist() == [8] * 8
+    patch, latent = tokenizer.routing_regions(64, (4, 4))            # 4 latents per patch
+    assert latent.tolist() == [j % 16 for j in range(64)]
+    with pytest.raises(ValueError, match="tile the 4x4 patch grid"):
+        tokenizer.routing_regions(6, (4, 4))
+    with pytest.raises(ValueError, match="multiple of"):
+        tokenizer.make_tokenizer("tiny", 24, "softvq", token_dim=8)      # 24 latents, 16 patches

@@ -192,7 +192,7 @@ def test_resume_is_bit_identical(cached, tmp_path, source, capsys):
     message = user_error("train_gen.py", *common, "--out", tmp_path / "b", "--resume", "--batch-size", 4, "--seed", 1)
     assert "batch_size" in message and "seed" in message
     run_cli(*common, "--out", tmp_path / "b", "--resume", "--lr", 0.5, "--steps", 7)
-    assert "--resume with changed settings: lr 0.001 -> 0.5, steps 6 -> 7" in capsys.readouterr().out
+    assert f"--resume with changed settings: lr {train_gen.TINY['lr']} -> 0.5, steps 6 -> 7" in capsys.readouterr().out
     assert load_state(tmp_path / "b" / "ckpt.pt")["step"] == 7
 
 

@@ -653,12 +653,13 @@ def test_two_ranks_give_the_same_update_as_one(tmp_path):
 
 
 def test_tiny_tokenizer_learns_more_than_the_mean_image(tmp_path):
-    """The tiny preset (patch 8, L = 16, LayerScale 1.0, lr 2e-3 at batch 16) trained for 300 steps
-    (about 30 s on 2 CPU cores) reconstructs held-out built-in images at least 1 dB better than
-    their mean training image does. The earlier tiny preset (patch 4, LayerScale 1e-5, lr 1e-3)
-    stayed within 0.5 dB of the mean image at this budget (README: why the tiny tokenizer stalled)."""
+    """The tiny preset (patch 8, L = 16, routing init, LayerScale 1.0, lr 3e-3 at batch 16) trained
+    for 400 steps (6,400 images, about 40 s on 2 CPU cores) reconstructs held-out built-in images
+    at least 6 dB better than their mean training image does. With the official random init
+    (`routing_init=False`) the same run stays within about 2 dB of the mean image (README: why the
+    tiny tokenizer stalled), so this fails if the routing init is lost or broken."""
     import evaluate
-    run_script("train_tok.py", "--preset", "tiny", "--tokens", 16, "--token-dim", 32, "--iters", 300,
+    run_script("train_tok.py", "--preset", "tiny", "--tokens", 16, "--token-dim", 32, "--iters", 400,
                "--out-dir", tmp_path, "--log-every", 100)
     model = training.load_tokenizer(str(tmp_path / "tiny-16" / "ckpt.pt")).eval()
     train = data.SyntheticShapes(2000, 32, seed=0, train=False)
@@ -670,4 +671,4 @@ def test_tiny_tokenizer_learns_more_than_the_mean_image(tmp_path):
     to8 = training.to_uint8
     psnr_rec = evaluate.psnr(to8(x), to8(rec)).mean().item()
     psnr_mean = evaluate.psnr(to8(x), to8(mean.expand_as(x))).mean().item()
-    assert psnr_rec >= psnr_mean + 1.0, (psnr_rec, psnr_mean)
+    assert psnr_rec >= psnr_mean + 6.0, (psnr_rec, psnr_mean)
