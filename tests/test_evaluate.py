@@ -312,12 +312,13 @@ def test_linear_probe_on_separable_latents():
 # ---- subcommands on a tiny tokenizer / tiny generators ----
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    """A train_tok.py-style checkpoint of the tiny SoftVQ tokenizer (random weights; LayerScale 1
-    instead of its 1e-5 init, else the latents would hardly depend on the image)."""
+    """A train_tok.py-style checkpoint of the tiny SoftVQ tokenizer (the official random init, not
+    the tiny preset's routing init: every latent then carries the image's mean colour, which the
+    colour-class probes below read; LayerScale 1, else the latents would hardly depend on the image)."""
     import dataclasses
     import tokenizer
     torch.manual_seed(0)
-    model = tokenizer.make_tokenizer("tiny", tokens=16, token_dim=8)
+    model = tokenizer.make_tokenizer("tiny", tokens=16, token_dim=8, routing_init=False)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("gamma"):

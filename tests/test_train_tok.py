@@ -349,7 +349,7 @@ def test_run_folder_is_never_replaced_silently(bare_home, capsys):
     (b / "ckpt.pt.tmp4242").write_bytes(first[:1000])
     capsys.readouterr()
     tok_cli(tmp_path, "--name", "b", "--iters", 6, "--resume", "--lr", 0.008)
-    assert "--resume with changed settings: iters 4 -> 6, lr 0.032 -> 0.008" in capsys.readouterr().out
+    assert f"--resume with changed settings: iters 4 -> 6, lr {train_tok.TINY_DEFAULTS['lr']} -> 0.008" in capsys.readouterr().out
     assert steps_logged(b) == [1, 2, 3, 4, 5, 6] and not (b / "ckpt.pt.tmp4242").exists()
     ckpt = training.load_checkpoint(str(b / "ckpt.pt"))
     assert ckpt["step"] == 6 and ckpt["train_config"]["lr"] == 0.008 and "name" not in ckpt["train_config"]
@@ -399,7 +399,7 @@ def test_nan_stop_keeps_the_checkpoint_before_and_resume_may_lower_the_lr(bare_h
     assert ckpt["step"] == 3 and ckpt["nan_guard"]["skipped"] == 0
     capsys.readouterr()
     tok_cli(tmp_path, *common, "--resume", "--lr", 0.001)
-    assert "--resume with changed settings: lr 0.032 -> 0.001" in capsys.readouterr().out
+    assert f"--resume with changed settings: lr {train_tok.TINY_DEFAULTS['lr']} -> 0.001" in capsys.readouterr().out
     logs = read_log(tmp_path / "n" / "log.jsonl")
     assert [r["step"] for r in logs] == list(range(1, 31))              # the NaN steps' lines dropped
     assert all(r["nan_skipped"] == 0 and r["loss"] == r["loss"] for r in logs)
@@ -619,8 +619,15 @@ def test_micro_batches_give_the_same_update():
 
 def assert_same_first_step(p, q, name):
     """Weights after Adam's first step, lr * g / (|g| + eps): equal to 1e-5 except where a gradient
-    is at rounding level, whose sign (and so a step of ~lr) rounding may flip; those are rare."""
-    off = ((p.detach() - q.detach()).abs() > 1e-5).double().mean().item()
+    is at rounding level, whose sign (and so a step of ~lr) rounding may flip; those are rare. The
+    key bias (the middle third of qkv.bias) is left out: softmax ignores a shift shared by all of a
+    query's logits, so its gradient is zero but for rounding (and the routing init of the tiny
+    preset starts it, like the rest of the attention, from exact zeros and identities)."""
+    differ = (p.detach() - q.detach()).abs() > 1e-5
+    if name.endswith("attn.qkv.bias"):
+        width = differ.shape[0] // 3
+        differ = torch.cat([differ[:width], differ[2 * width:]])
+    off = differ.double().mean().item()
     assert off < 1e-3, f"{name}: {off:.2%} of the weights differ by more than 1e-5"
 
 
