@@ -31,8 +31,8 @@ Cells (CELLS below): Table 3: softvq / vq / ae / kl at L x D = 256 (L = 32, 16, 
 of 32x32x3; D >= 8 since the cosine forms normalise each D-vector), one row at L x D = 64 (8 x 8,
 48x), and the smallest L again with seed 1. Table 4: SoftVQ 16 x 16 without alignment (the
 aligned one is Table 3's cell). Table 5 (reconstruction only; its default cell is Table 3's
-SoftVQ 16 x 16, which has G = 4, K = 256, tau = 0.07): G = 1, 2; RQ; R-PQ; GMMVQ; tau = 0.001, 1.0,
-learnable; K = 64, 512. Every cell has the same budget, seed 0 (but the seed-1 repeats) and data
+SoftVQ 16 x 16, which has G = 4, tau = 0.07 and the preset's K, 1024 for tiny): G = 1, 2; RQ; R-PQ;
+GMMVQ; tau = 0.001, 1.0, learnable; K / 4 and 2 K. Every cell has the same budget, seed 0 (but the seed-1 repeats) and data
 order.
 
 Resuming: a cell is done when its results.json exists and is then skipped; within a cell every
@@ -81,30 +81,31 @@ IMAGE_SIZE = 32
 # THE TOKENIZER RECIPE OF EVERY CELL. Issue 10 (small random tokenizers stall near the mean
 # image) changes how they are initialised and trained: adjust it HERE, nowhere else.
 # train_tok.py flags; each cell adds --tokens / --token-dim / --quantizer / its ablation flags /
-# --seed / the alignment flags. The architecture is --preset tiny's (tokenizer.PRESETS["tiny"]:
-# patch 8, encoder and decoder width 96, depth 4, 3 heads, K = 256, G = 4, LayerScale 1.0);
-# train_tok.py has no flags for patch, width or depth today.
+# --seed / the alignment flags. The architecture and init are --preset tiny's
+# (tokenizer.PRESETS["tiny"]: patch 8, encoder and decoder width 96, depth 4, 3 heads, K = 1024,
+# G = 4, LayerScale 1.0, the routing init); train_tok.py has no flags for patch, width or depth.
 # =============================================================================================
 TOKENIZER_RECIPE = {
     "--preset": "tiny",
     "--image-size": IMAGE_SIZE,
-    "--batch": 32,
-    "--lr": 0.016,              # x batch / 256 in train_tok.py: peak lr 2e-3 (the README's CIFAR run)
+    "--batch": 16,              # batch, lr and warm-up: --preset tiny's (issue 10's routing-init recipe)
+    "--lr": 0.048,              # x batch / 256 in train_tok.py: peak lr 3e-3
     "--warmup": 100,
-    "--iters": 1500,            # the budget, sized from one measured cell (README "The CIFAR-10 study")
+    "--iters": 2400,            # the budget, sized from one measured cell (README "The CIFAR-10 study")
     "--lpips-weight": 0,        # no VGG16 / DINO files on the CPU machines: LPIPS and the GAN term
     "--disc-weight": 0,         # are off in every cell, so a machine with the files gets the same run
 }
 QUICK_TOKENIZER = {"--batch": 4, "--iters": 2, "--warmup": 1}    # --quick
 
 # ---- generator and evaluation budget (the same for every cell) ----
-# Sized from one measured cell (t3-softvq-16x16, 2-core machine shared with other jobs): 0.26 s per
-# tokenizer step, 0.11 s per generator step, ~180 s for the rest of a generation cell (the latent
-# cache of 2 x 50K encodes ~140 s of it). 1500 + 1200 steps: ~720 s a generation cell, the Table 3
-# core (12 cells) in ~2.4 h, the whole study (and the judge and teacher, ~30 min) in ~6 h.
-# batch, lr and EMA of train_gen.py --preset tiny (an EMA of 0.999 would still hold 30% of the
-# initial weights after 1200 steps)
-GEN_RECIPE = {"--model": "SiT-tiny", "--batch-size": 64, "--lr": 1e-3, "--ema": 0.99, "--steps": 1200}
+# Sized from one measured cell (t3-softvq-16x16, 2-core machine shared with other jobs, 1 thread):
+# 0.11 s per generator step, ~180 s for the rest of a generation cell (the latent cache of 2 x 50K
+# encodes ~140 s of it), and ~0.17 s per tokenizer step at batch 16 with alignment (0.15 s
+# without). 2400 + 1200 steps: ~720 s a generation cell, the Table 3 core (12 cells) in ~2.4 h,
+# the whole study (and the judge and teacher, ~30 min) in ~6 h.
+# batch, lr, EMA and steps of train_gen.py --preset tiny (an EMA of 0.999 would still hold 30% of
+# the initial weights after 1200 steps)
+GEN_RECIPE = {"--model": "SiT-tiny", "--batch-size": 64, "--lr": 4e-3, "--ema": 0.99, "--steps": 1200}
 QUICK_GEN = {"--batch-size": 4, "--steps": 2}
 BUDGET = dict(
     eval_images=1000,           # test images reconstructed (PSNR, SSIM, codebook usage, rFD)
@@ -134,6 +135,7 @@ TEACHER = dict(
 QUICK_TEACHER = dict(steps=2, batch=4, warmup=1, ckpt_every=1)
 ALIGN_FLAGS = ["--teacher", "vit-file", "--teacher-patch", TEACHER["patch"]]   # + --teacher-path
 RESIDUAL_DEPTH = 2              # RQ / R-PQ levels (the paper does not say how many)
+K_DEFAULT = tokenizer.PRESETS[TOKENIZER_RECIPE["--preset"]].codebook_size   # Table 5's K row: / 4, x 2
 
 
 # ---- the cells ----
@@ -157,7 +159,7 @@ def make_cells():
 
 
 T3_QUANTIZERS = ("softvq", "vq", "ae", "kl")
-BASE = "t3-softvq-16x16"        # Table 4's aligned cell and Table 5's default (G = 4, K = 256, tau 0.07)
+BASE = "t3-softvq-16x16"        # Table 4's aligned cell and Table 5's default (G = 4, K_DEFAULT, tau 0.07)
 T5_VARIANTS = [                 # (cell, quantizer, train_tok flags); all at L = 16, D = 16
     ("t5-g1", "softvq", ["--num-codebooks", 1]),
     ("t5-g2", "softvq", ["--num-codebooks", 2]),
@@ -167,8 +169,8 @@ T5_VARIANTS = [                 # (cell, quantizer, train_tok flags); all at L =
     ("t5-tau0.001", "softvq", ["--tau", 0.001]),
     ("t5-tau1.0", "softvq", ["--tau", 1.0]),
     ("t5-taulearn", "softvq", ["--tau", "learnable"]),
-    ("t5-k64", "softvq", ["--codebook-size", 64]),
-    ("t5-k512", "softvq", ["--codebook-size", 512]),
+    (f"t5-k{K_DEFAULT // 4}", "softvq", ["--codebook-size", K_DEFAULT // 4]),
+    (f"t5-k{K_DEFAULT * 2}", "softvq", ["--codebook-size", K_DEFAULT * 2]),
 ]
 CELLS = make_cells()
 
@@ -184,12 +186,13 @@ PAPER_TOKENS = {8: 32, 16: 64, 32: 128}
 # Table 4 (SoftVQ-B-64, no encoder init): alignment -> (rFID, linear probe, gFID, IS)
 PAPER_T4 = {False: (0.98, 5.42, 20.33, 89.4), True: (0.93, 41.08, 10.96, 101.9)}
 # Table 5 rows: (group, variant, cell, paper rFID); our K beside the paper's at the same ratio to the
-# default (256 here, 8192 there)
+# default (K_DEFAULT here, 8192 there: 2048 and 16384)
 T5_ROWS = [("variant", "SoftVQ (G = 1)", "t5-g1", 1.33), ("variant", "+ PQ (G = 2)", "t5-g2", 1.19),
            ("variant", "+ PQ (G = 4), default", BASE, 1.03), ("variant", f"+ RQ ({RESIDUAL_DEPTH} levels)", "t5-rq", 1.55),
            ("variant", "+ R-PQ (G = 4)", "t5-rpq", 1.17), ("variant", "GMMVQ (G = 4)", "t5-gmmvq", 1.12),
-           ("K", "64 (paper 2048)", "t5-k64", 1.35), ("K", "256, default (paper 8192)", BASE, 1.03),
-           ("K", "512 (paper 16384)", "t5-k512", 1.23),
+           ("K", f"{K_DEFAULT // 4} (paper 2048)", f"t5-k{K_DEFAULT // 4}", 1.35),
+           ("K", f"{K_DEFAULT}, default (paper 8192)", BASE, 1.03),
+           ("K", f"{K_DEFAULT * 2} (paper 16384)", f"t5-k{K_DEFAULT * 2}", 1.23),
            ("tau", "0.001", "t5-tau0.001", 2.03), ("tau", "0.07, default", BASE, 1.03),
            ("tau", "1.0", "t5-tau1.0", 1.52), ("tau", "learnable", "t5-taulearn", 1.10)]
 
@@ -594,7 +597,7 @@ def write_tables(work, out, recipes):
         table.append({"group": group, "variant": variant, "cell": name, **o, "paper_rfid": paper})
         rows.append([group, variant, o["psnr"], o["ssim"], o["codebook_usage"], o["rfd"], paper])
     md = ("# Table 5 at CIFAR-10 scale: SoftVQ ablations (L = 16, D = 16, reconstruction only)\n\n"
-          "Default: G = 4 token segments, K = 256, tau = 0.07 (Table 3's SoftVQ 16 x 16 cell). K rows "
+          f"Default: G = 4 token segments, K = {K_DEFAULT}, tau = 0.07 (Table 3's SoftVQ 16 x 16 cell). K rows "
           "beside the paper's K at the same ratio to its default 8192.\n\n"
           + markdown(["group", "variant", "PSNR (dB)", "SSIM", "codebook usage", "rFD", "paper rFID"], rows)
           + timing(r["cell"] for r in table) + "\n" + common)
