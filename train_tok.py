@@ -123,8 +123,12 @@ RUN_ONLY_FLAGS = {"resume", "overwrite", "stop_at", "log_every", "vis_every", "c
 # objective's weights and start steps. The rest (model, seed, batch, data order) may not.
 RESUMABLE_FLAGS = {"lr", "min_lr", "warmup", "iters", "grad_clip", "lpips_weight", "lpips_warmup",
                    "disc_weight", "disc_start", "cr_weight", "lecam_weight", "align_weight"}
+# Flags that override a TokenizerConfig field of the preset's quantizer (Table 5 ablations); None
+# keeps the preset's value. --tau is a number > 0 or "learnable".
+QUANTIZER_FLAGS = ("codebook_size", "num_codebooks", "residual_depth", "tau")
 # Allowed range of every numeric flag (training.check_flags), checked before anything is built.
-FLAG_RANGES = {"image_size": "> 0", "tokens": "> 0", "token_dim": "> 0", "builtin_size": "> 0", "num_workers": ">= 0", "global_batch": "> 0",
+FLAG_RANGES = {"image_size": "> 0", "tokens": "> 0", "token_dim": "> 0", "codebook_size": "> 0",
+               "num_codebooks": "> 0", "residual_depth": "> 0", "builtin_size": "> 0", "num_workers": ">= 0", "global_batch": "> 0",
                "micro_batch": "> 0", "iters": "> 0", "lr": "> 0", "min_lr": ">= 0", "warmup": ">= 0",
                "weight_decay": ">= 0", "beta1": "in [0, 1)", "beta2": "in [0, 1)", "grad_clip": ">= 0",
                "ema": "in [0, 1)", "lpips_weight": ">= 0", "lpips_warmup": ">= 0", "disc_weight": ">= 0",
@@ -462,6 +466,13 @@ def resolve(args):
         args.teacher = alias
     del args.teacher_size
     args.teacher = args.teacher or DEFAULT_TEACHER
+    if args.tau is not None and args.tau != "learnable":
+        try:
+            args.tau = float(args.tau)
+        except ValueError:
+            raise training.UserError(f"--tau must be a number > 0 or 'learnable' (got {args.tau!r})") from None
+        if not args.tau > 0 or math.isinf(args.tau):
+            raise training.UserError(f"--tau must be a number > 0 or 'learnable' (got {args.tau})")
     training.check_flags(args, FLAG_RANGES)
     return args
 
@@ -477,15 +488,16 @@ def setup(args, world, device):
     generator_step(x, step) -> (logs, reconstructions) and discriminator_step(x, recs, step) -> logs.
     Returned as a SimpleNamespace (tests call the steps directly, with the tiny preset)."""
     print0 = training.print0
-    overrides = {k: v for k, v in (("image_size", args.image_size), ("token_dim", args.token_dim))
-                 if v is not None}
+    overrides = {k: getattr(args, k) for k in QUANTIZER_FLAGS + ("image_size", "token_dim")
+                 if getattr(args, k) is not None}
     try:
         with torch.device("meta"):                      # the config only (nothing allocated)
             tok_cfg = tokenizer.make_tokenizer(args.preset, tokens=args.tokens, quantizer=args.quantizer,
                                                **overrides).config
     except ValueError as err:                           # built from the flags alone: their values
+        given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
         raise training.UserError(f"--preset {args.preset} --tokens {args.tokens} --quantizer "
-                                 f"{args.quantizer} --image-size {args.image_size}: {err}") from err
+                                 f"{args.quantizer} {given}: {err}".rstrip()) from err
     image_size = tok_cfg.image_size
     run_name = args.name or f"{args.preset}-{args.tokens}"
     out_dir = os.path.join(args.out_dir, run_name)
@@ -900,6 +912,14 @@ if __name__ == "__main__":
                    "(default: 32 for 64 tokens, 64 for 32)")
     p.add_argument("--quantizer", default="softvq", choices=sorted(tokenizer.QUANTIZERS),
                    help="a quantizers.QUANTIZERS key (Table 3 baselines)")
+    p.add_argument("--codebook-size", type=int, default=None,
+                   help="K codewords per codebook (Table 5; default: the preset's, 8192; tiny 1024)")
+    p.add_argument("--num-codebooks", type=int, default=None,
+                   help="G product-quantization codebooks (Table 5 PQ; default 4; 1: no PQ)")
+    p.add_argument("--residual-depth", type=int, default=None,
+                   help="residual quantization levels (Table 5 RQ, R-PQ with G > 1; default 1: no RQ)")
+    p.add_argument("--tau", default=None,
+                   help="SoftVQ softmax temperature, a number or 'learnable' (Eq. 4, Table 5; default 0.07)")
     p.add_argument("--image-size", type=int, default=None, help="resolution (default: the preset's, 256)")
     p.add_argument("--encoder-init", default="auto",
                    help="DINOv2 .pth for the encoder (Sec. 4); auto: dinov2_vit{s,b,l}14_pretrain.pth of "

@@ -679,3 +679,26 @@ def test_tiny_tokenizer_learns_more_than_the_mean_image(tmp_path):
     psnr_rec = evaluate.psnr(to8(x), to8(rec)).mean().item()
     psnr_mean = evaluate.psnr(to8(x), to8(mean.expand_as(x))).mean().item()
     assert psnr_rec >= psnr_mean + 6.0, (psnr_rec, psnr_mean)
+
+
+def test_quantizer_flags_reach_the_model_and_bad_values_are_refused(tmp_path):
+    """--codebook-size / --num-codebooks / --residual-depth / --tau (the Table 5 ablations) end up
+    in the checkpoint's config and in the trained quantizer; a flag left out keeps the preset's
+    value; a bad value is one line naming the flag."""
+    common = ["--preset", "tiny", "--tokens", 8, "--token-dim", 8, "--batch", 2, "--iters", 1,
+              "--out-dir", tmp_path, "--log-every", 1]
+    run_script("train_tok.py", *common, "--name", "rpq", "--codebook-size", 32, "--num-codebooks", 2,
+               "--residual-depth", 3, "--tau", "learnable")
+    cfg = training.load_checkpoint(str(tmp_path / "rpq" / "ckpt.pt"))["config"]
+    assert (cfg["codebook_size"], cfg["num_codebooks"], cfg["residual_depth"], cfg["tau"]) == (32, 2, 3, "learnable")
+    q = training.load_tokenizer(str(tmp_path / "rpq" / "ckpt.pt")).quantize
+    assert q.residual_depth == 3 and isinstance(q.log_tau, torch.nn.Parameter)
+    assert q.embedding.shape == (2, 32, 8)
+    run_script("train_tok.py", *common, "--name", "fixed", "--tau", "0.001")
+    cfg = training.load_checkpoint(str(tmp_path / "fixed" / "ckpt.pt"))["config"]
+    assert cfg["tau"] == 0.001 and (cfg["codebook_size"], cfg["num_codebooks"], cfg["residual_depth"]) == (
+        tokenizer.PRESETS["tiny"].codebook_size, tokenizer.PRESETS["tiny"].num_codebooks, 1)
+    assert "--tau must be a number > 0" in user_error("train_tok.py", *common, "--tau", "hot")
+    assert "--tau must be a number > 0" in user_error("train_tok.py", *common, "--tau", 0)
+    assert "--codebook-size must be > 0" in user_error("train_tok.py", *common, "--codebook-size", 0)
+    assert "--num-codebooks 3" in user_error("train_tok.py", *common, "--num-codebooks", 3)   # 3 does not divide L = 8
