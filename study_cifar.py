@@ -58,7 +58,6 @@ import fnmatch
 import json
 import math
 import os
-import runpy
 import shlex
 import shutil
 import sys
@@ -214,19 +213,9 @@ def flags(d):
 
 
 def stage(script, *argv):
-    """Run `python <script> argv...` in this process (its __main__ block, as the command line
-    would). A stage that ends with an error stops the study with its message."""
-    argv = [str(a) for a in argv]
-    print(f"\n$ python {shlex.join([script, *argv])}", flush=True)
-    old = sys.argv
-    sys.argv = [script, *argv]
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    except SystemExit as stop:
-        if stop.code not in (None, 0):
-            raise training.UserError(f"{script} stopped: {stop.code}") from None
-    finally:
-        sys.argv = old
+    """Run `python <script> argv...` in this process (training.run_script), printed first."""
+    print(f"\n$ python {shlex.join([script, *map(str, argv)])}", flush=True)
+    training.run_script(os.path.join(ROOT, script), argv)
 
 
 class Folder:

@@ -49,6 +49,21 @@ def test_builtin_deterministic_and_class_conditional():
     assert any(torch.allclose(o, flipped) for o in outs) and any(torch.allclose(o, plain) for o in outs)
 
 
+def test_builtin_render_cache_changes_nothing(monkeypatch):
+    """The in-memory cache of rendered images gives the same items as rendering every time, a
+    cached image is not altered by the flips handed out, and sets too large for it render each time."""
+    cached = data.SyntheticShapes(num_images=20, image_size=16, seed=3)
+    monkeypatch.setattr(data.SyntheticShapes, "CACHE_BYTES", 0)
+    uncached = data.SyntheticShapes(num_images=20, image_size=16, seed=3)
+    assert cached._cache is not None and uncached._cache is None
+    keys = [(i % 5, f"k{j}") for j, i in enumerate(range(40))] + list(range(20)) * 2
+    for key in keys:
+        (xa, ya), (xb, yb) = cached[key], uncached[key]
+        assert torch.equal(xa, xb) and ya == yb
+        xa.fill_(0)                                                  # the caller owns its tensor
+    assert len(cached._cache) == 20
+
+
 def _write_tree(root):
     """2 classes: 3 good images each (png/jpg/webp, odd sizes), 1 corrupt jpg, 1 ignored txt."""
     rng = np.random.default_rng(0)

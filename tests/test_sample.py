@@ -1,4 +1,4 @@
-"""Tests of sample.py and pipeline_tiny.sh (CPU, tiny random models, seconds each):
+"""Tests of sample.py and pipeline_tiny.py (CPU, tiny random models, seconds each):
 the ADM .npz that evaluate.py reads back, the grid and the nearest-neighbour check; resume keeps
 finished chunks and redraws missing ones identically; other settings are refused; a 2-process
 torchrun gives the same images as one process; the EMA weights are the ones sampled; DiT / MAR
@@ -155,11 +155,10 @@ def test_two_process_torchrun_gives_the_same_images(sampled, tmp_path):
 
 
 def test_pipeline_script_runs_end_to_end(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "RUNS": str(tmp_path), "JUDGE_IMAGES": "200",
-           "JUDGE_EPOCHS": "1", "TOK_ITERS": "2", "GEN_IMAGES": "64", "GEN_STEPS": "2", "NUM_IMAGES": "20",
-           "SAMPLE_STEPS": "2"}
-    r = subprocess.run(["bash", os.path.join(ROOT, "pipeline_tiny.sh")], env=env, capture_output=True,
-                       text=True, timeout=600)
+    cmd = [sys.executable, os.path.join(ROOT, "pipeline_tiny.py"), "--runs", str(tmp_path), "--judge-images", "200",
+           "--judge-epochs", "1", "--tok-iters", "2", "--gen-images", "64", "--gen-steps", "2", "--num-images", "20",
+           "--sample-steps", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (tmp_path / "eval-tiny" / "table.txt").read_text()
     cfg = sample.PRESETS["tiny"]["cfg_scale"]
