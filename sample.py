@@ -167,10 +167,14 @@ def run(args, rank, world_size, device):
     checksum = training.weights_checksum(model, tok)
     model, tok = model.to(device), tok.to(device)
     c = model.config
+    sampler = args.sampler or c.sampler
+    if sampler.startswith("ode") and args.temperature not in (None, 1.0):
+        raise training.UserError(f"--temperature {args.temperature} with the {sampler} sampler: the temperature "
+                                 "scales injected noise and ODE samplers inject none (use an SDE sampler)")
     settings = dict(ckpt=os.path.abspath(args.ckpt), tokenizer=os.path.abspath(tok_path),
                     weights_checksum=checksum,
                     num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
-                    sampler=args.sampler or c.sampler, steps=args.steps,
+                    sampler=sampler, steps=args.steps,
                     cfg_scale=args.cfg_scale, guidance_interval=list(args.guidance_interval),
                     temperature=args.temperature, latent_mean=mean, latent_std=std,
                     random_latents=args.random_latents)

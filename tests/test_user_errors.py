@@ -112,6 +112,14 @@ def test_wrong_kind_and_damaged_checkpoints_are_named(tmp_path):
     assert "not exist" in user_error("sample.py", "--ckpt", tmp_path / "none.pt", "--device", "cpu")
 
 
+def test_sample_refuses_a_temperature_for_an_ode_sampler(tmp_path):
+    _, gen = save_pair(tmp_path)
+    message = user_error("sample.py", "--ckpt", gen, "--out", tmp_path / "s", "--device", "cpu",
+                         "--sampler", "ode-euler", "--temperature", "0.5")
+    assert "--temperature 0.5 with the ode-euler sampler" in message and "SDE" in message
+    assert not (tmp_path / "s").exists()                  # refused before anything is written
+
+
 def test_evaluate_names_image_files_it_cannot_use(tmp_path):
     cases = {"empty.npz": (dict(arr_0=np.zeros((0, 8, 8, 3), np.uint8)), "holds no images"),
              "nothing.npz": ({}, "no 'arr_0' images"),
