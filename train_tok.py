@@ -868,7 +868,8 @@ def run(args, rank, world, device):
                 elapsed = time.perf_counter() - t_log
                 rec = {"step": step, **dict(zip(keys, vals.tolist())),
                        "img_per_s": n_running * args.global_batch / elapsed,
-                       "nan_skipped": t.guard.skipped + t.guard_d.skipped, "bad_images": dataset.skipped}
+                       "nan_skipped": t.guard.skipped + t.guard_d.skipped,
+                       "bad_images": training.unreadable_images(dataset, device)}
                 print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                 for k, v in rec.items()))
                 if log_file:

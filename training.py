@@ -468,6 +468,17 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
+def unreadable_images(dataset, device):
+    """How many distinct unreadable files the data set has met on every rank together (its own
+    `skipped` counts this rank's: each rank reads its own shard). A collective: every rank calls it."""
+    bad = getattr(dataset, "_bad", None)                  # ImageFolder's shared per-file flags
+    if bad is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dataset.skipped
+    flags = bad.to(device=device, dtype=torch.uint8)      # a file met by two ranks counts once
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int(flags.sum())
+
+
 # ---- NaN / inf guard ----
 
 class NanGuard:

@@ -467,3 +467,29 @@ def test_load_tokenizer(tmp_path):
     assert torch.equal(raw.encode(x), model.encode(x))
     averaged = training.load_tokenizer(path)                          # EMA weights by default
     assert not torch.equal(averaged.encode(x), model.encode(x))
+
+
+def _count_unreadable(rank, init_file, marked, out):
+    """One of two gloo ranks: an ImageFolder stand-in whose flags mark `marked[rank]`."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    ds = SimpleNamespace(_bad=torch.zeros(6, dtype=torch.bool))
+    ds._bad[list(marked[rank])] = True
+    ds.skipped = int(ds._bad.sum())
+    out[rank] = (ds.skipped, training.unreadable_images(ds, torch.device("cpu")))
+    dist.destroy_process_group()
+
+
+def test_unreadable_images_counts_every_rank_each_file_once(tmp_path):
+    """bad_images in train_tok's log: the distinct unreadable files of all ranks, not rank 0's."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    out = ctx.Manager().dict()
+    marked = {0: [0], 1: [0, 2, 5]}                      # file 0 met by both ranks: counted once
+    procs = [ctx.Process(target=_count_unreadable, args=(r, str(tmp_path / "init"), marked, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs)
+    assert out[0] == (1, 3) and out[1] == (3, 3)
+    assert training.unreadable_images(SimpleNamespace(skipped=4), torch.device("cpu")) == 4   # one process
