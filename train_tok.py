@@ -761,47 +761,60 @@ def run(args, rank, world, device):
     generator_step, discriminator_step = t.generator_step, t.discriminator_step
 
     # ---- benchmark: N timed iterations on a fixed random batch, every term active ----
-    # With --compile the same run then compiles the networks and times them again: eager and
-    # compiled figures side by side, and the compile time (the first compiled iteration's excess).
+    # With --compile the same run compiles the networks, then times compiled and eager iterations
+    # in turn (the eager code through training.force_eager), so that a machine whose speed drifts
+    # (shared CPUs, clocks) slows both alike: the figures side by side, the speed-up, and the
+    # compile time (the first compiled iteration's excess).
     if args.benchmark:
         from torch.utils.flop_counter import FlopCounterMode
         step = max(args.disc_start, args.lpips_warmup)          # full LPIPS weight, discriminator on
         x = torch.rand(local_batch, 3, image_size, image_size, device=device) * 2 - 1
-
         tables = []                                             # --benchmark-profile's output
 
-        def iteration():
-            discriminator_step(x, generator_step(x, step)[1], step)
-
-        def timed(profile):
-            """(seconds per iteration over --benchmark iterations, peak memory in bytes); profile:
-            torch.profiler over them (--benchmark-profile: a table of where the time goes)."""
+        def measure(n, compiled=False, profile=False):
+            """(seconds per iteration, peak memory in bytes) over n iterations; compiled=False runs
+            the eager code also after --compile; profile: under torch.profiler (its table is kept)."""
             if device.type != "cpu":
                 getattr(torch, device.type).reset_peak_memory_stats(device)
             profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                                ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
                         if profile else nullcontext())
+            eager = training.force_eager() if args.compile and not compiled else nullcontext()
             training.synchronize(device)
             t0 = time.perf_counter()
-            with profiler:
-                for _ in range(args.benchmark):
-                    iteration()
+            with profiler, eager:
+                for _ in range(n):
+                    discriminator_step(x, generator_step(x, step)[1], step)
                 training.synchronize(device)
-            sec = (time.perf_counter() - t0) / args.benchmark
+            sec = (time.perf_counter() - t0) / n
             if profile:
                 key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-                tables.append(profiler.key_averages().table(sort_by=key, row_limit=25))
+                tables.append(("compiled" if compiled else "eager",
+                               profiler.key_averages().table(sort_by=key, row_limit=25)))
             return sec, (getattr(torch, device.type).max_memory_allocated(device) if device.type != "cpu"
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # CPU: peak RSS
 
         for _ in range(args.benchmark_warmup):
-            iteration()
+            measure(1)
         with FlopCounterMode(display=False) as count_gen:     # counted eagerly, before any compiling
             _, recs = generator_step(x, step)
         with FlopCounterMode(display=False) as count_disc:
             discriminator_step(x, recs, step)
-        sec, peak = timed(args.benchmark_profile and not args.compile)
         flops = count_gen.get_total_flops() + count_disc.get_total_flops()
+        if not args.compile:
+            sec, peak = measure(args.benchmark, profile=args.benchmark_profile)
+        else:
+            t.compile_networks()
+            first, _ = measure(1, compiled=True)                 # compiles every graph
+            for _ in range(args.benchmark_warmup - 1):
+                measure(1, compiled=True)
+            rounds = [(measure(1), measure(1, compiled=True)) for _ in range(args.benchmark)]
+            sec = sum(e[0] for e, _ in rounds) / args.benchmark
+            sec_c = sum(c[0] for _, c in rounds) / args.benchmark
+            peak, peak_c = max(e[1] for e, _ in rounds), max(c[1] for _, c in rounds)
+            if args.benchmark_profile:
+                measure(args.benchmark, profile=True)
+                measure(args.benchmark, compiled=True, profile=True)
         # The device's dense-matmul FLOP/s in the training precision, measured here: the fraction
         # of it the step reaches is the model FLOP utilisation, and peak / (FLOPs per image) is the
         # fastest this step could run on this device at its FLOP count. (CPUs: fp32 even under
@@ -819,15 +832,6 @@ def run(args, rank, world, device):
                   "mfu": round(flops / sec / matmul, 3),
                   "img_per_s_at_peak": round(matmul * local_batch / flops, 3)}
         if args.compile:
-            t.compile_networks()
-            training.synchronize(device)
-            t0 = time.perf_counter()
-            iteration()                                        # compiles every graph
-            training.synchronize(device)
-            first = time.perf_counter() - t0
-            for _ in range(args.benchmark_warmup - 1):
-                iteration()
-            sec_c, peak_c = timed(args.benchmark_profile)
             result.update(img_per_s_compiled=round(local_batch * world / sec_c, 3),
                           ms_per_step_compiled=round(sec_c * 1000, 1),
                           peak_mem_gb_compiled=round(peak_c / 2 ** 30, 2),
@@ -837,8 +841,8 @@ def run(args, rank, world, device):
         result.update(device=training.device_name(device), preset=args.preset, tokens=args.tokens,
                       image_size=image_size, batch=local_batch, precision="bf16" if use_bf16 else "fp32")
         print0(json.dumps(result))
-        for table in tables:
-            print0(table)
+        for name, table in tables:
+            print0(f"{name}:\n{table}")
         return
 
     # ---- data ----
@@ -1049,5 +1053,6 @@ if __name__ == "__main__":
     p.add_argument("--benchmark", type=int, default=0, help="time N iterations, print one JSON line, exit")
     p.add_argument("--benchmark-warmup", type=int, default=1, help="untimed iterations before timing")
     p.add_argument("--benchmark-profile", action="store_true",
-                   help="also print torch.profiler's table of the ops that take the time (slower)")
+                   help="also print torch.profiler's table of the ops that take the time (slower; with "
+                        "--compile a second table, compiled)")
     training.run_main(lambda: main(p.parse_args()))

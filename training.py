@@ -20,6 +20,7 @@
   use_bf16(precision, device)     --precision auto | bf16 | fp32 -> bf16 autocast or not
   set_precision_policy(train)     the precision policy (written out above use_bf16): TF32 when training
   compile_module / compile_generator   --compile: torch.compile in place (state_dict keys unchanged)
+  force_eager()                   context: compiled modules run eagerly (benchmarks time both)
   cosine_lr(step, ...)            linear warm-up then cosine decay to a minimum
   load_tokenizer(path, ema=True)  rebuild a SoftVQ-VAE from a train_tok.py checkpoint
   load_models(args)               generator + its tokenizer + latent mean / std (sample.py, evaluate.py)
@@ -602,11 +603,21 @@ def compile_generator(model):
     DiT / SiT: static shapes (the sampler calls the network at two batch sizes, see
     compile_module). MAR: the encoder sees a different number of known tokens and the head a
     different number of tokens at every generation step and every training step (random mask
-    ratios): dynamic shapes, one graph for them all, for the network and its head."""
+    ratios): dynamic shapes for the network and its head, one graph for every count of two or more
+    (dynamo specialises counts 0 and 1: a graph each), per grad mode."""
     if model.config.arch == "mar":
         compile_module(model.head, dynamic=True)
         return compile_module(model, dynamic=True)
     return compile_module(model)
+
+
+def force_eager():
+    """Context in which compiled modules run their eager code: the benchmarks of train_tok.py and
+    evaluate.py time eager and compiled code in one run. Needs torch >= 2.6 (set_stance)."""
+    if not hasattr(torch.compiler, "set_stance"):
+        raise UserError(f"timing eager beside compiled code needs torch >= 2.6 (torch.compiler.set_stance); "
+                        f"this is torch {torch.__version__}")
+    return torch.compiler.set_stance("force_eager")
 
 
 # ---- tokenizer checkpoints ----
