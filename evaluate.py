@@ -47,6 +47,7 @@ Pretrained files are never downloaded (a missing one is an error naming it, or "
 Tests: `python -m pytest -q tests/test_evaluate.py`.
 """
 
+import contextlib
 import math
 import os
 import time
@@ -990,32 +991,37 @@ def main_flops(args):
 
 
 def main_throughput(args):
-    """Per model: training and sampling images/s, FLOP/s and their fraction of the measured matmul
-    peak (MAR: "-", its work per step varies), peak memory; with --compile the same model compiled
-    (training.compile_generator) on a second line, with the compile time (the compiled warm-ups'
-    excess over the eager ones)."""
+    """Per model: training and sampling images/s, FLOP/s, the matmul peak (TFLOP/s, measured after
+    each line) and the fraction of it reached (MAR: "-", its work per step varies), peak memory. --compile adds two lines: the same
+    model compiled (training.compile_generator), with the compile time (the compiled warm-ups'
+    excess over the eager ones), then eager again (training.force_eager), so
+    that a drift of the machine's speed between the first and the compiled line shows."""
     import generators
     import tokenizer
     with training.distributed(args.device) as (_, _, _, device):
         dtype = DTYPES[args.dtype]
         torch.manual_seed(0)
-        peak = training.peak_flops(device, dtype)
-        print(f"device: {training.device_name(device)}, {args.dtype}, matmul peak {peak / 1e12:.3f} TFLOP/s")
+        # the matmul peak is measured again after each line's timing (the fraction's denominator):
+        # a machine whose speed drifts (shared CPUs, clocks) then shows it
+        print(f"device: {training.device_name(device)}, {args.dtype}")
         print(f"{'model':8} {'L':>3} {'batch':>5} {'steps':>5} {'mode':>8} {'train img/s':>11} "
-              f"{'sample img/s':>12} {'fwd/img':>7} {'TFLOP/s':>8} {'of peak':>7} {'peak GB':>7} "
-              f"{'compile s':>9}")
+              f"{'sample img/s':>12} {'fwd/img':>7} {'TFLOP/s':>8} {'peak':>7} {'of peak':>7} "
+              f"{'peak GB':>7} {'compile s':>9}")
         for preset in args.models:
             for L in args.tokens:
                 D = tokenizer.TOKEN_DIMS[L]
                 with torch.device(device):
                     model = generators.make_generator(preset, L, D)
                 steps = args.steps or (L if model.config.arch == "mar" else model.config.sampling_steps)
-                for mode in ("eager", "compiled") if args.compile else ("eager",):
+                for mode in ("eager", "compiled", "eager") if args.compile else ("eager",):
                     if mode == "compiled":                  # in place, after the eager figures
                         training.compile_generator(model)
-                    train = (time_training(model, args.batch, args.train_steps, device, dtype)
-                             if args.train_steps else None)
-                    sample = time_sampling(model, args.batch, steps, device, dtype)
+                    eager = args.compile and mode == "eager"
+                    with training.force_eager() if eager else contextlib.nullcontext():
+                        train = (time_training(model, args.batch, args.train_steps, device, dtype)
+                                 if args.train_steps else None)
+                        sample = time_sampling(model, args.batch, steps, device, dtype)
+                    peak = training.peak_flops(device, dtype)
                     if model.config.arch == "mar":  # encoder length and head calls vary per step
                         achieved, fraction = "-", "-"
                     else:  # every forward row: one network forward over L tokens, 2 FLOPs per MAC
@@ -1029,8 +1035,8 @@ def main_throughput(args):
                     peak_gb = max(sample["peak_bytes"], train["peak_bytes"] if train else 0) / 2 ** 30
                     train_s = f"{train['img_per_s']:11.2f}" if train else "-"
                     print(f"{preset:8} {L:>3} {args.batch:>5} {steps:>5} {mode:>8} {train_s:>11} "
-                          f"{sample['img_per_s']:12.3f} {sample['rows']:7.0f} {achieved:>8} {fraction:>7} "
-                          f"{peak_gb:7.2f} {compile_s:>9}", flush=True)
+                          f"{sample['img_per_s']:12.3f} {sample['rows']:7.0f} {achieved:>8} {peak / 1e12:7.3f} "
+                          f"{fraction:>7} {peak_gb:7.2f} {compile_s:>9}", flush=True)
                 del model
 
 
