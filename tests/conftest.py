@@ -67,7 +67,6 @@ def script_args(script, *argv):
     raise RuntimeError(f"{script} did not call parse_args()")
 
 
-
 # --compile in tests. On a 2-core CPU inductor's C++ code generation takes about a minute per
 # graph and AOTAutograd's joint-graph tracing most of a minute for the tiny training step, so CI
 # runs the compile tests with dynamo's graph capture only (the "eager" backend runs the captured
@@ -75,6 +74,8 @@ def script_args(script, *argv):
 # sizes), in-place compilation and its state_dict keys, the RNG around tracing, resume. With
 # SOFTVQ_SLOW_COMPILE_TESTS=1 the same tests also run with "aot_eager" (+ AOTAutograd:
 # functionalised joint forward / backward graphs, in-place buffer updates) and with inductor.
+# Inductor's own part in exactness (random ops drawn as in eager mode) has one small test that
+# always compiles: test_data_training.py, test_compile_module_with_inductor_...
 SLOW = pytest.mark.skipif(os.environ.get("SOFTVQ_SLOW_COMPILE_TESTS") != "1",
                           reason="minutes on a CPU; SOFTVQ_SLOW_COMPILE_TESTS=1 runs it")
 
