@@ -992,10 +992,10 @@ def main_flops(args):
 
 def main_throughput(args):
     """Per model: training and sampling images/s, FLOP/s, the matmul peak (TFLOP/s, measured after
-    each line) and the fraction of it reached (MAR: "-", its work per step varies), peak memory. --compile adds two lines: the same
-    model compiled (training.compile_generator), with the compile time (the compiled warm-ups'
-    excess over the eager ones), then eager again (training.force_eager), so
-    that a drift of the machine's speed between the first and the compiled line shows."""
+    each line) and the fraction of it reached (MAR: "-", its work per step varies), peak memory.
+    --compile adds two lines: the same model compiled (training.compile_generator), with the
+    compile time (the compiled warm-ups' excess over the eager ones), then eager again
+    (training.force_eager), so that a drift of the machine's speed during the run shows."""
     import generators
     import tokenizer
     with training.distributed(args.device) as (_, _, _, device):
