@@ -1026,16 +1026,16 @@ def main_throughput(args):
                         achieved, fraction = "-", "-"
                     else:  # every forward row: one network forward over L tokens, 2 FLOPs per MAC
                         flops = generator_macs(preset, L, D) * 2 * sample["rows"] * sample["img_per_s"]
-                        achieved, fraction = f"{flops / 1e12:8.3f}", f"{flops / peak:7.1%}"
+                        achieved, fraction = f"{flops / 1e12:8.4f}", f"{flops / peak:7.1%}"
                     warmup = sample["warmup_s"] + (train["warmup_s"] if train else 0.0)
                     if mode == "eager":
                         eager_warmup, compile_s = warmup, "-"
                     else:
                         compile_s = f"{warmup - eager_warmup:9.1f}"
                     peak_gb = max(sample["peak_bytes"], train["peak_bytes"] if train else 0) / 2 ** 30
-                    train_s = f"{train['img_per_s']:11.2f}" if train else "-"
+                    train_s = f"{train['img_per_s']:11.4g}" if train else "-"
                     print(f"{preset:8} {L:>3} {args.batch:>5} {steps:>5} {mode:>8} {train_s:>11} "
-                          f"{sample['img_per_s']:12.3f} {sample['rows']:7.0f} {achieved:>8} {peak / 1e12:7.3f} "
+                          f"{sample['img_per_s']:12.4g} {sample['rows']:7.0f} {achieved:>8} {peak / 1e12:7.3f} "
                           f"{fraction:>7} {peak_gb:7.2f} {compile_s:>9}", flush=True)
                 del model
 
