@@ -84,12 +84,12 @@ SLOW = pytest.mark.skipif(os.environ.get("SOFTVQ_SLOW_COMPILE_TESTS") != "1",
 def compile_backend(request, monkeypatch):
     """torch.compile with the backend of the parameter in this process (and in subprocesses:
     torch's TORCH_COMPILE_OVERRIDE_BACKENDS), dynamo's caches reset before and after. Yields the
-    backend's name."""
+    backend's name. (torch's own config.patch: pytest's monkeypatch deletes a config module's
+    entry on undo, which broke every later compile test.)"""
     import torch._dynamo
-    if request.param != "inductor":
-        override = f">=0:{request.param}"
-        monkeypatch.setattr(torch._dynamo.config, "debug_backend_override", override)
-        monkeypatch.setenv("TORCH_COMPILE_OVERRIDE_BACKENDS", override)
+    override = "" if request.param == "inductor" else f">=0:{request.param}"
+    monkeypatch.setenv("TORCH_COMPILE_OVERRIDE_BACKENDS", override)
     torch._dynamo.reset()
-    yield request.param
+    with torch._dynamo.config.patch(debug_backend_override=override):
+        yield request.param
     torch._dynamo.reset()
