@@ -5,7 +5,7 @@ command, refusal of the full preset without pretrained files, run folders never 
 the fallback of a damaged one, the NaN stop and its advice, flag ranges, the loss pieces against
 their literal definitions, and the objective step by step (Eq. 7 term by term, warm-up and start
 schedules, which step updates which network, hinge / LeCAM / consistency by hand, NaN steps,
-gradient accumulation and 2 ranks against 1)."""
+gradient accumulation and 2 ranks against 1), and --compile against eager."""
 
 import json
 import os
