@@ -28,7 +28,8 @@ Paper: "SoftVQ-VAE: Efficient 1-Dimensional Continuous Tokenizer" (arXiv 2412.10
   flops         GFLOPs (multiply-accumulates, as the paper's tables) of one forward of tokenizer
                 encoders/decoders and generators.
   throughput    training and sampling images/s (fp32, batch 64 as Tables 1-2) on whatever device
-                is present, and the fraction of the device's measured matmul peak it reaches.
+                is present, the fraction of the device's measured matmul peak it reaches and the
+                peak memory; --compile adds the same figures compiled, and the compile time.
 
 Image sets are a folder of PNG files or an ADM-style `.npz` whose `arr_0` is uint8 N x H x W x 3;
 reference batches may instead hold `mu` / `sigma` (then FID uses them, as the ADM evaluator does).
@@ -46,6 +47,7 @@ Pretrained files are never downloaded (a missing one is an error naming it, or "
 Tests: `python -m pytest -q tests/test_evaluate.py`.
 """
 
+import contextlib
 import math
 import os
 import time
@@ -809,29 +811,48 @@ def generator_macs(preset, tokens, token_dim):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _peak_memory(device):
+    """Peak memory in bytes: allocated on an accelerator since its last reset, else the process's peak RSS."""
+    if device.type != "cpu":
+        return getattr(torch, device.type).max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_memory(device):
+    if device.type != "cpu":
+        getattr(torch, device.type).reset_peak_memory_stats(device)
+
+
 def time_training(model, batch, steps, device, dtype):
-    """Images/s of training steps (loss, backward, AdamW) after one warm-up step."""
+    """Training steps (loss, backward, AdamW) after one warm-up step: {"img_per_s", "warmup_s"
+    (the warm-up step's seconds: it compiles a compiled model), "peak_bytes" (of the timed steps)}."""
     c = model.config
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, c.num_tokens, c.token_dim, device=device)
     y = torch.randint(0, c.num_classes, (batch,), device=device)
     model.train()
+    training.synchronize(device)
+    start = time.perf_counter()
     for i in range(steps + 1):
         if i == 1:                                          # step 0 is the warm-up
             training.synchronize(device)
-            start = time.perf_counter()
+            warmup, start = time.perf_counter() - start, time.perf_counter()
+            _reset_peak_memory(device)
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model.loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     training.synchronize(device)
-    return batch * steps / (time.perf_counter() - start)
+    return dict(img_per_s=batch * steps / (time.perf_counter() - start), warmup_s=warmup,
+                peak_bytes=_peak_memory(device))
 
 
 def time_sampling(model, batch, steps, device, dtype):
-    """(images/s, network forward rows per image) of `model.sample` with the paper's CFG (one
-    doubled batch; SiT guided only inside its interval), after a short warm-up run."""
+    """`model.sample` with the paper's CFG (one doubled batch; SiT guided only inside its
+    interval) after a short warm-up run that meets both batch sizes: {"img_per_s", "rows"
+    (network forward rows per image), "warmup_s" (it compiles a compiled model), "peak_bytes"}."""
     import generators
     c = model.config
     cfg = generators.paper_cfg(c.arch, c.num_tokens)
@@ -840,15 +861,20 @@ def time_sampling(model, batch, steps, device, dtype):
     hook = model.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
     try:
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
-            model.sample(y, steps=WARMUP_SAMPLING_STEPS, **cfg)
-            rows.clear()
             training.synchronize(device)
+            start = time.perf_counter()
+            model.sample(y, steps=WARMUP_SAMPLING_STEPS, **cfg)
+            training.synchronize(device)
+            warmup = time.perf_counter() - start
+            rows.clear()
+            _reset_peak_memory(device)
             start = time.perf_counter()
             model.sample(y, steps=steps, **cfg)
             training.synchronize(device)
     finally:
         hook.remove()
-    return batch / (time.perf_counter() - start), sum(rows) / batch
+    return dict(img_per_s=batch / (time.perf_counter() - start), rows=sum(rows) / batch, warmup_s=warmup,
+                peak_bytes=_peak_memory(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -965,31 +991,52 @@ def main_flops(args):
 
 
 def main_throughput(args):
+    """Per model: training and sampling images/s, FLOP/s, the matmul peak (TFLOP/s, measured after
+    each line) and the fraction of it reached (MAR: "-", its work per step varies), peak memory.
+    --compile adds two lines: the same model compiled (training.compile_generator), with the
+    compile time (the compiled warm-ups' excess over the eager ones), then eager again
+    (training.force_eager), so that a drift of the machine's speed during the run shows."""
     import generators
     import tokenizer
     with training.distributed(args.device) as (_, _, _, device):
         dtype = DTYPES[args.dtype]
         torch.manual_seed(0)
-        peak = training.peak_flops(device, dtype)
-        print(f"device: {training.device_name(device)}, {args.dtype}, matmul peak {peak / 1e12:.3f} TFLOP/s")
-        print(f"{'model':8} {'L':>3} {'batch':>5} {'steps':>5} {'train img/s':>11} {'sample img/s':>12} "
-              f"{'fwd/img':>7} {'TFLOP/s':>8} {'of peak':>7}")
+        # the matmul peak is measured again after each line's timing (the fraction's denominator):
+        # a machine whose speed drifts (shared CPUs, clocks) then shows it
+        print(f"device: {training.device_name(device)}, {args.dtype}")
+        print(f"{'model':8} {'L':>3} {'batch':>5} {'steps':>5} {'mode':>8} {'train img/s':>11} "
+              f"{'sample img/s':>12} {'fwd/img':>7} {'TFLOP/s':>8} {'peak':>7} {'of peak':>7} "
+              f"{'peak GB':>7} {'compile s':>9}")
         for preset in args.models:
             for L in args.tokens:
                 D = tokenizer.TOKEN_DIMS[L]
                 with torch.device(device):
                     model = generators.make_generator(preset, L, D)
                 steps = args.steps or (L if model.config.arch == "mar" else model.config.sampling_steps)
-                train = (f"{time_training(model, args.batch, args.train_steps, device, dtype):11.2f}"
-                         if args.train_steps else "-")
-                sample, rows = time_sampling(model, args.batch, steps, device, dtype)
-                if model.config.arch == "mar":  # encoder length and head calls vary per step
-                    achieved, fraction = "-", "-"
-                else:  # every forward row: one network forward over L tokens, 2 FLOPs per MAC
-                    flops = generator_macs(preset, L, D) * 2 * rows * sample
-                    achieved, fraction = f"{flops / 1e12:8.3f}", f"{flops / peak:7.1%}"
-                print(f"{preset:8} {L:>3} {args.batch:>5} {steps:>5} {train:>11} {sample:12.3f} "
-                      f"{rows:7.0f} {achieved:>8} {fraction:>7}", flush=True)
+                for mode in ("eager", "compiled", "eager") if args.compile else ("eager",):
+                    if mode == "compiled":                  # in place, after the eager figures
+                        training.compile_generator(model)
+                    eager = args.compile and mode == "eager"
+                    with training.force_eager() if eager else contextlib.nullcontext():
+                        train = (time_training(model, args.batch, args.train_steps, device, dtype)
+                                 if args.train_steps else None)
+                        sample = time_sampling(model, args.batch, steps, device, dtype)
+                    peak = training.peak_flops(device, dtype)
+                    if model.config.arch == "mar":  # encoder length and head calls vary per step
+                        achieved, fraction = "-", "-"
+                    else:  # every forward row: one network forward over L tokens, 2 FLOPs per MAC
+                        flops = generator_macs(preset, L, D) * 2 * sample["rows"] * sample["img_per_s"]
+                        achieved, fraction = f"{flops / 1e12:8.4f}", f"{flops / peak:7.1%}"
+                    warmup = sample["warmup_s"] + (train["warmup_s"] if train else 0.0)
+                    if mode == "eager":
+                        eager_warmup, compile_s = warmup, "-"
+                    else:
+                        compile_s = f"{warmup - eager_warmup:9.1f}"
+                    peak_gb = max(sample["peak_bytes"], train["peak_bytes"] if train else 0) / 2 ** 30
+                    train_s = f"{train['img_per_s']:11.4g}" if train else "-"
+                    print(f"{preset:8} {L:>3} {args.batch:>5} {steps:>5} {mode:>8} {train_s:>11} "
+                          f"{sample['img_per_s']:12.4g} {sample['rows']:7.0f} {achieved:>8} {peak / 1e12:7.3f} "
+                          f"{fraction:>7} {peak_gb:7.2f} {compile_s:>9}", flush=True)
                 del model
 
 
@@ -1032,11 +1079,11 @@ COMMANDS = {"gen": main_gen, "fid": main_gen, "is": main_gen, "prec-recall": mai
 
 
 def main(args):
-    # Metrics in full fp32: PyTorch lets cuDNN convolutions use TF32 on Ampere and newer GPUs by
-    # default, which would shift the Inception (FID / IS) and VGG (LPIPS) features.
+    # Metrics in full fp32 (training.py: the precision policy): PyTorch lets cuDNN convolutions use
+    # TF32 on Ampere and newer GPUs by default, which would shift the Inception (FID / IS) and VGG
+    # (LPIPS) features.
     training.check_flags(args, FLAG_RANGES)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    training.set_precision_policy(train=False)
     COMMANDS[args.command](args)
 
 
@@ -1149,4 +1196,7 @@ if __name__ == "__main__":
     p.add_argument("--train-steps", type=int, default=TIMED_TRAIN_STEPS,
                    help="timed training steps (0: no training measurement)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each model torch.compiled (training.compile_generator): a second line, "
+                        "with the compile time")
     training.run_main(lambda: main(parser.parse_args()))

@@ -32,6 +32,9 @@ Presets (App. C.2; explicit flags override them):
     mar-h      CFG 3.0 (linear CFG schedule), L iterations, temperature 1.0
     tiny       the tiny pipeline's generator, 1000 images
 Without a preset: the checkpoint's own sampler and steps, CFG 1.0 (the "w/o CFG" columns).
+Sampling runs in fp32 with TF32 off (training.py: the precision policy); `--compile` compiles the
+generator network (training.compile_generator: one graph for CFG's doubled batch, one for the
+plain batch outside the guidance interval, one more per size of a shorter last chunk).
 
 `--random-latents` skips the generator and decodes latents drawn from N(0, I) in the normalised
 latent space (what an untrained generator produces): the "ceiling" row of a generation table.
@@ -156,6 +159,7 @@ def main(args):
     lo, hi = args.guidance_interval
     if lo > hi:
         raise training.UserError(f"--guidance-interval {lo} {hi}: LO must not exceed HI")
+    training.set_precision_policy(train=False)       # fp32, TF32 off: the samples feed gFID
     with training.distributed(args.device) as (rank, _, world_size, device):
         run(args, rank, world_size, device)
 
@@ -166,6 +170,8 @@ def run(args, rank, world_size, device):
     # same path must not reuse the old samples
     checksum = training.weights_checksum(model, tok)
     model, tok = model.to(device), tok.to(device)
+    if args.compile:
+        training.compile_generator(model)
     c = model.config
     sampler = args.sampler or c.sampler
     if sampler.startswith("ode") and args.temperature not in (None, 1.0):
@@ -278,4 +284,7 @@ if __name__ == "__main__":
                    help="decode N(0, I) latents instead of sampling the generator (the ceiling row)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda ...")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the generator network (the first chunk compiles it; images equal "
+                        "the eager ones up to rounding)")
     training.run_main(lambda: main(resolve(p.parse_args())))

@@ -24,8 +24,8 @@ Defaults are the paper's recipes (App. C.2), chosen by the model family:
   MAR:       AdamW (0.9, 0.95) weight decay 0.02 (none on 1-D parameters, biases and the diffusion
              head, as MAR's code), lr 2e-4 (the paper lowered MAR's 8e-4 because of NaNs), global
              batch 2048, 100-epoch linear warm-up then constant, 500 epochs, grad clip 3.0, EMA 0.9999.
-bf16 autocast on accelerators; class dropout 0.1 lives inside the generator. Batch sizes are
-global. Exact resume: `--resume` continues from <out>/ckpt.pt (model, EMA, optimizer, step, every
+bf16 autocast on accelerators (training.py: the precision policy); class dropout 0.1 lives inside
+the generator. Batch sizes are global. `--compile` compiles the network (training.compile_generator). Exact resume: `--resume` continues from <out>/ckpt.pt (model, EMA, optimizer, step, every
 rank's RNG state; ckpt-prev.pt, the checkpoint before, if ckpt.pt is damaged); the data order is a
 pure function of (seed, step). On --resume the schedule may change (RESUMABLE_FLAGS: a line says
 what changed); the model, seed, batch and data may not. A folder holding a checkpoint is only
@@ -84,9 +84,9 @@ TINY = dict(tokenizer="runs/tiny-16/ckpt.pt", data_path=data.BUILTIN, cache_dir=
 SHARD_IMAGES = 50_000         # images per shard file and rank (820 MB at L = 64, D = 32, with flips)
 DEFAULTS = dict(tokenizer=None, data_path=None, cache_dir=None, out="runs/gen", model="SiT-XL",
                 log_every=100, ckpt_every=10_000, builtin_size=10_000, num_workers=8, shard_images=SHARD_IMAGES)
-# flags that do not change what is computed: not compared when resuming
+# flags that do not change what is computed (--compile: only its rounding): not compared when resuming
 RUN_ONLY_FLAGS = {"preset", "cache_latents", "resume", "overwrite", "stop_at", "log_every", "ckpt_every",
-                  "num_workers", "out", "device", "shard_images"}
+                  "num_workers", "out", "device", "shard_images", "compile"}
 # may differ on --resume (e.g. a lower lr after a NaN stop): the schedule and clipping
 RESUMABLE_FLAGS = {"lr", "warmup_epochs", "steps", "epochs", "grad_clip"}
 # allowed range of every numeric flag (training.check_flags), checked before anything is built
@@ -383,6 +383,12 @@ def train(args, rank, world_size, device):
         training.print0(f"resumed from {used} at step {step}")
     else:
         torch.manual_seed(args.seed + rank)   # different noise / timesteps / class dropout per rank
+    if args.compile:
+        # in place: EMA, checkpoints and DDP see the same parameters; called inside DDP's forward,
+        # the compiled graph is split at DDP's gradient buckets (dynamo's DDPOptimizer), so the
+        # all-reduces still overlap the backward
+        training.compile_generator(model)
+        training.print0("--compile: the network is compiled in its first steps, then runs fused")
     ddp_model = DDP(LossModule(model)) if dist.is_initialized() else LossModule(model)
     use_bf16 = training.use_bf16(args.precision, device)
     training.print0(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
@@ -477,6 +483,7 @@ def train(args, rank, world_size, device):
 
 def main(args):
     training.check_flags(args, FLAG_RANGES)
+    training.set_precision_policy(train=True)
     with training.distributed(args.device) as (rank, _, world_size, device):
         if args.cache_latents:
             if not args.cache_dir:
@@ -526,4 +533,7 @@ if __name__ == "__main__":
     p.add_argument("--device", default="auto", help="auto | cpu | cuda ...")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype; auto: bf16 on GPUs, fp32 on CPUs")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the generator network (the first steps compile); a run may resume "
+                        "with or without it")
     training.run_main(lambda: main(resolve(p.parse_args())))

@@ -20,6 +20,7 @@ Run:
   python train_tok.py --preset tiny --tokens 16 --token-dim 32   # CPU, built-in data -> runs/tiny-16/
   torchrun --nproc_per_node=8 train_tok.py --tokens 32 --data-path /imagenet/train   # SoftVQ-L-32
   python train_tok.py --benchmark 5 --preset S --image-size 128 --batch 2             # speed, JSON
+  ... --compile            # torch.compile the networks (with --benchmark: eager and compiled side by side)
   ... --resume                                       # continue <out-dir>/<name>/ckpt.pt exactly
   ... --overwrite                                    # start a run folder that holds a checkpoint again
 
@@ -116,9 +117,10 @@ TINY_DEFAULTS = dict(global_batch=16, iters=1500, lr=0.048, min_lr=1e-4, warmup=
 # Excluded from the resume config check: flags that do not change what is computed, file locations
 # (files get moved; their contents are not checked) and the encoder init (used only at step 0).
 # The run folder's own name is a location too: a copied or renamed run folder can be resumed.
+# --compile changes the arithmetic only by rounding, so a run may be resumed with or without it.
 RUN_ONLY_FLAGS = {"resume", "overwrite", "stop_at", "log_every", "vis_every", "ckpt_every", "num_workers",
                   "out_dir", "name", "benchmark", "benchmark_warmup", "benchmark_profile", "data_path",
-                  "vgg_path", "dino_path", "teacher_path", "encoder_init"}
+                  "vgg_path", "dino_path", "teacher_path", "encoder_init", "compile"}
 # May differ on --resume (e.g. a lower lr after a NaN stop): the schedule, clipping and the
 # objective's weights and start steps. The rest (model, seed, batch, data order) may not.
 RESUMABLE_FLAGS = {"lr", "min_lr", "warmup", "iters", "grad_clip", "lpips_weight", "lpips_warmup",
@@ -293,9 +295,12 @@ class DinoDiscriminator(nn.Module):
     def features(self, views):
         """Frozen-backbone tap features of the concatenated views (the backbone has no batch
         interaction, so one pass serves all): a list of 5 tensors (sum of B, C, N)."""
-        x = torch.cat([self.to_input(v) for v in views])
+        return self.taps(torch.cat([self.to_input(v) for v in views]))
+
+    def taps(self, x):
+        """The backbone on 224x224 inputs -> the 5 taps with the readout (patches + cls), (B, C, N)."""
         taps = self.dino.forward_features(x, return_blocks=DISC_BLOCKS, include_embed=True)
-        return [(t[:, 1:] + t[:, :1]).transpose(1, 2) for t in taps]          # readout: patches + cls
+        return [(t[:, 1:] + t[:, :1]).transpose(1, 2) for t in taps]
 
     def heads_logits(self, feats, views):
         """Heads on features of `views` equal-size views -> (sum of B, 5N) logits. The heads run in
@@ -306,6 +311,13 @@ class DinoDiscriminator(nn.Module):
 
     def forward(self, x):
         return self.heads_logits(self.features([x]), 1)
+
+    def compile(self, **kwargs):
+        """torch.compile (training.compile_module) the work of every call, in place: the backbone's
+        taps and the heads; preparing the views (resize, random crop) stays eager. Parameter names
+        are unchanged."""
+        self.taps = torch.compile(self.taps, **kwargs)
+        self.heads_logits = torch.compile(self.heads_logits, **kwargs)
 
 
 class Teacher(nn.Module):
@@ -478,6 +490,7 @@ def resolve(args):
 
 
 def main(args):
+    training.set_precision_policy(train=True)
     with training.distributed(args.device) as (rank, _, world, device):
         run(resolve(args), rank, world, device)
 
@@ -486,6 +499,7 @@ def setup(args, world, device):
     """Everything one training iteration uses, built from resolved args on this rank: the models
     and frozen networks of the objective, EMA, both optimisers, and the two update steps
     generator_step(x, step) -> (logs, reconstructions) and discriminator_step(x, recs, step) -> logs.
+    compile_networks() compiles (--compile) every network the two steps run, in place.
     Returned as a SimpleNamespace (tests call the steps directly, with the tiny preset)."""
     print0 = training.print0
     overrides = {k: getattr(args, k) for k in QUANTIZER_FLAGS + ("image_size", "token_dim")
@@ -720,12 +734,24 @@ def setup(args, world, device):
         logs["d_grad_norm"] = grad_norm.detach()
         return logs
 
+    def compile_networks():
+        """--compile: the tokenizer with its projector, LPIPS, the teacher, the discriminator's
+        backbone and heads; static shapes (a fixed micro-batch; the discriminator sees 1 and 4 views,
+        with and without gradients: 7 graphs, each compiled once). In place: DDP wraps the compiled
+        generator module (called inside DDP's forward, its graph is split at DDP's gradient buckets
+        by dynamo's DDPOptimizer, so the all-reduces overlap the backward), and EMA and checkpoints
+        read its parameters under their own names."""
+        for m in (gen, lpips_loss, teacher, disc):
+            if m is not None:
+                training.compile_module(m)
+
     return SimpleNamespace(
         tok_cfg=tok_cfg, train_cfg=train_cfg, run_name=run_name, out_dir=out_dir, ckpt_path=ckpt_path,
         ckpt=ckpt if args.resume else None, ckpt_used=used if args.resume else None, image_size=image_size, local_batch=local_batch, micro=micro,
         base_lr=base_lr, use_bf16=use_bf16, tok=tok, projector=projector, gen=gen, ema=ema, opt=opt,
         lpips=lpips_loss, teacher=teacher, disc=disc, opt_d=opt_d, guard=guard, guard_d=guard_d,
-        lecam_ema=lecam_ema, generator_step=generator_step, discriminator_step=discriminator_step)
+        lecam_ema=lecam_ema, generator_step=generator_step, discriminator_step=discriminator_step,
+        compile_networks=compile_networks)
 
 
 def run(args, rank, world, device):
@@ -735,32 +761,60 @@ def run(args, rank, world, device):
     generator_step, discriminator_step = t.generator_step, t.discriminator_step
 
     # ---- benchmark: N timed iterations on a fixed random batch, every term active ----
+    # With --compile the same run compiles the networks, then times compiled and eager iterations
+    # in turn (the eager code through training.force_eager), so that a machine whose speed drifts
+    # (shared CPUs, clocks) slows both alike: the figures side by side, the speed-up, and the
+    # compile time (the first compiled iteration's excess).
     if args.benchmark:
         from torch.utils.flop_counter import FlopCounterMode
         step = max(args.disc_start, args.lpips_warmup)          # full LPIPS weight, discriminator on
         x = torch.rand(local_batch, 3, image_size, image_size, device=device) * 2 - 1
+        tables = []                                             # --benchmark-profile's output
+
+        def measure(n, compiled=False, profile=False):
+            """(seconds per iteration, peak memory in bytes) over n iterations; compiled=False runs
+            the eager code also after --compile; profile: under torch.profiler (its table is kept)."""
+            if device.type != "cpu":
+                getattr(torch, device.type).reset_peak_memory_stats(device)
+            profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                               ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+                        if profile else nullcontext())
+            eager = training.force_eager() if args.compile and not compiled else nullcontext()
+            training.synchronize(device)
+            t0 = time.perf_counter()
+            with profiler, eager:
+                for _ in range(n):
+                    discriminator_step(x, generator_step(x, step)[1], step)
+                training.synchronize(device)
+            sec = (time.perf_counter() - t0) / n
+            if profile:
+                key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                tables.append(("compiled" if compiled else "eager",
+                               profiler.key_averages().table(sort_by=key, row_limit=25)))
+            return sec, (getattr(torch, device.type).max_memory_allocated(device) if device.type != "cpu"
+                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # CPU: peak RSS
+
         for _ in range(args.benchmark_warmup):
-            discriminator_step(x, generator_step(x, step)[1], step)
-        with FlopCounterMode(display=False) as count_gen:
+            measure(1)
+        with FlopCounterMode(display=False) as count_gen:     # counted eagerly, before any compiling
             _, recs = generator_step(x, step)
         with FlopCounterMode(display=False) as count_disc:
             discriminator_step(x, recs, step)
-        if device.type != "cpu":
-            getattr(torch, device.type).reset_peak_memory_stats(device)
-        # --benchmark-profile: torch.profiler over the timed iterations, a table of where time goes
-        profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
-                                           ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
-                    if args.benchmark_profile else nullcontext())
-        training.synchronize(device)
-        t0 = time.perf_counter()
-        with profiler:
-            for _ in range(args.benchmark):
-                discriminator_step(x, generator_step(x, step)[1], step)
-            training.synchronize(device)
-        sec = (time.perf_counter() - t0) / args.benchmark
-        peak = (getattr(torch, device.type).max_memory_allocated(device) if device.type != "cpu"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: peak RSS
-        gen_f, disc_f = count_gen.get_total_flops(), count_disc.get_total_flops()
+        flops = count_gen.get_total_flops() + count_disc.get_total_flops()
+        if not args.compile:
+            sec, peak = measure(args.benchmark, profile=args.benchmark_profile)
+        else:
+            t.compile_networks()
+            first, _ = measure(1, compiled=True)                 # compiles every graph
+            for _ in range(args.benchmark_warmup - 1):
+                measure(1, compiled=True)
+            rounds = [(measure(1), measure(1, compiled=True)) for _ in range(args.benchmark)]
+            sec = sum(e[0] for e, _ in rounds) / args.benchmark
+            sec_c = sum(c[0] for _, c in rounds) / args.benchmark
+            peak, peak_c = max(e[1] for e, _ in rounds), max(c[1] for _, c in rounds)
+            if args.benchmark_profile:
+                measure(args.benchmark, profile=True)
+                measure(args.benchmark, compiled=True, profile=True)
         # The device's dense-matmul FLOP/s in the training precision, measured here: the fraction
         # of it the step reaches is the model FLOP utilisation, and peak / (FLOPs per image) is the
         # fastest this step could run on this device at its FLOP count. (CPUs: fp32 even under
@@ -770,20 +824,25 @@ def run(args, rank, world, device):
         result = {"img_per_s": round(local_batch * world / sec, 3),
                   "ms_per_step": round(sec * 1000, 1),
                   "peak_mem_gb": round(peak / 2 ** 30, 2),
-                  "gflops_per_image": round((gen_f + disc_f) / local_batch / 1e9, 1),
-                  "gflops_gen_step": round(gen_f / local_batch / 1e9, 1),
-                  "gflops_disc_step": round(disc_f / local_batch / 1e9, 1),
-                  "achieved_tflops": round((gen_f + disc_f) / sec / 1e12, 4),
+                  "gflops_per_image": round(flops / local_batch / 1e9, 1),
+                  "gflops_gen_step": round(count_gen.get_total_flops() / local_batch / 1e9, 1),
+                  "gflops_disc_step": round(count_disc.get_total_flops() / local_batch / 1e9, 1),
+                  "achieved_tflops": round(flops / sec / 1e12, 4),
                   "matmul_peak_tflops": round(matmul / 1e12, 4),
-                  "mfu": round((gen_f + disc_f) / sec / matmul, 3),
-                  "img_per_s_at_peak": round(matmul * local_batch / (gen_f + disc_f), 3),
-                  "device": training.device_name(device),
-                  "preset": args.preset, "tokens": args.tokens, "image_size": image_size,
-                  "batch": local_batch, "precision": "bf16" if use_bf16 else "fp32"}
+                  "mfu": round(flops / sec / matmul, 3),
+                  "img_per_s_at_peak": round(matmul * local_batch / flops, 3)}
+        if args.compile:
+            result.update(img_per_s_compiled=round(local_batch * world / sec_c, 3),
+                          ms_per_step_compiled=round(sec_c * 1000, 1),
+                          peak_mem_gb_compiled=round(peak_c / 2 ** 30, 2),
+                          achieved_tflops_compiled=round(flops / sec_c / 1e12, 4),
+                          mfu_compiled=round(flops / sec_c / matmul, 3),
+                          speedup=round(sec / sec_c, 3), compile_s=round(first - sec_c, 1))
+        result.update(device=training.device_name(device), preset=args.preset, tokens=args.tokens,
+                      image_size=image_size, batch=local_batch, precision="bf16" if use_bf16 else "fp32")
         print0(json.dumps(result))
-        if args.benchmark_profile:
-            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print0(profiler.key_averages().table(sort_by=key, row_limit=25))
+        for name, table in tables:
+            print0(f"{name}:\n{table}")
         return
 
     # ---- data ----
@@ -817,6 +876,9 @@ def run(args, rank, world, device):
         print0(f"resumed {t.ckpt_used} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     else:
         torch.manual_seed(args.seed * world + rank)      # per-rank augmentation randomness (DiT style)
+    if args.compile:
+        t.compile_networks()
+        print0("--compile: the networks are compiled in their first steps (minutes), then run fused")
 
     def save():
         rngs = [None] * world
@@ -985,8 +1047,12 @@ if __name__ == "__main__":
                    help="start again in a run folder that holds a checkpoint (deletes its checkpoints, log, grids)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop with a checkpoint after this step (the lr schedule still ends at --iters)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the tokenizer, LPIPS, the teacher and the discriminator (the first "
+                        "steps compile); with --benchmark: eager and compiled figures and the compile time")
     p.add_argument("--benchmark", type=int, default=0, help="time N iterations, print one JSON line, exit")
     p.add_argument("--benchmark-warmup", type=int, default=1, help="untimed iterations before timing")
     p.add_argument("--benchmark-profile", action="store_true",
-                   help="also print torch.profiler's table of the ops that take the time (slower)")
+                   help="also print torch.profiler's table of the ops that take the time (slower; with "
+                        "--compile a second table, compiled)")
     training.run_main(lambda: main(p.parse_args()))

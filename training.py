@@ -18,6 +18,9 @@
   to_uint8(x)                     images in [-1, 1] -> rounded uint8, as PNGs store them
   save_image_grid(x, path)        PNG grid of images in [-1, 1] or uint8 (PIL)
   use_bf16(precision, device)     --precision auto | bf16 | fp32 -> bf16 autocast or not
+  set_precision_policy(train)     the precision policy (written out above use_bf16): TF32 when training
+  compile_module / compile_generator   --compile: torch.compile in place (state_dict keys unchanged)
+  force_eager()                   context: compiled modules run eagerly (benchmarks time both)
   cosine_lr(step, ...)            linear warm-up then cosine decay to a minimum
   load_tokenizer(path, ema=True)  rebuild a SoftVQ-VAE from a train_tok.py checkpoint
   load_models(args)               generator + its tokenizer + latent mean / std (sample.py, evaluate.py)
@@ -537,13 +540,6 @@ def save_image_grid(images, path, nrow=8, padding=2):
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG")
 
 
-def use_bf16(precision, device):
-    """--precision auto | bf16 | fp32 -> whether to train under bf16 autocast. auto: bf16 on
-    accelerators (the paper's setting), fp32 on CPUs, where bf16 is emulated (slow) but still runs,
-    so forcing it lets a CPU test exercise the accelerators' code path."""
-    return precision == "bf16" or (precision == "auto" and device.type != "cpu")
-
-
 def cosine_lr(step, base_lr, warmup_steps, total_steps, min_lr):
     """Learning rate for 0-based `step`: linear warm-up to base_lr over warmup_steps, then a cosine
     decay from base_lr to min_lr at total_steps (App. C.1: cosine annealing with linear warm-up).
@@ -552,6 +548,76 @@ def cosine_lr(step, base_lr, warmup_steps, total_steps, min_lr):
         return base_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- precision policy and torch.compile (every stage applies them from here) ----
+#
+# Precision policy (what use_bf16 and set_precision_policy implement):
+#   Training (train_tok.py, train_gen.py): the networks run under bf16 autocast on accelerators
+#     (App. C.1 / C.2: bf16), in fp32 on CPUs unless --precision bf16. Always fp32: weights,
+#     gradients, AdamW's moments, the EMA; SoftVQ's soft assignments (quantizers.py) and the
+#     discriminator heads (spectral norm's power iteration) with autocast off; the losses, formed
+#     from fp32 copies of the outputs (reconstruction, alignment, logits, velocity / epsilon
+#     targets); only LPIPS's own VGG and linear heads run in bf16, as any network. TF32 is allowed
+#     on CUDA for the matmuls and convolutions left in fp32, as the official training scripts do.
+#   Sampling and every metric (sample.py, evaluate.py, including its throughput timing): fp32
+#     with TF32 off. PyTorch's default lets cuDNN convolutions use TF32, which would shift the
+#     Inception (FID / IS) and VGG (LPIPS) features; samples are what gFID is computed on.
+
+def use_bf16(precision, device):
+    """--precision auto | bf16 | fp32 -> whether to train under bf16 autocast. auto: bf16 on
+    accelerators (the paper's setting), fp32 on CPUs, where bf16 is emulated (slow) but still runs,
+    so forcing it lets a CPU test exercise the accelerators' code path."""
+    return precision == "bf16" or (precision == "auto" and device.type != "cpu")
+
+
+def set_precision_policy(train):
+    """TF32 for fp32 matmuls and cuDNN convolutions on CUDA: allowed when training (train=True),
+    off for sampling and metrics (the policy above). No effect on CPUs."""
+    torch.backends.cuda.matmul.allow_tf32 = train
+    torch.backends.cudnn.allow_tf32 = train
+
+
+def compile_module(module, dynamic=False):
+    """--compile: torch.compile `module` in place with inductor's default mode, and return it.
+    nn.Module.compile (or the module's own .compile, e.g. train_tok's discriminator, which compiles
+    its backbone's taps and its heads) keeps state_dict keys as they are: the EMA, checkpoints and
+    released exports have no `_orig_mod.` prefix, and a checkpoint of a compiled run loads into an
+    eager model and back. The first calls are slow (compiling); later ones run the fused code.
+    dynamic=False: one graph per input shape, each compiled once (CFG's doubled batch and the
+    plain batch outside the guidance interval: two graphs, then no recompilation); dynamic=True for
+    networks whose input shapes change at every step (MAR's known-token counts).
+    fallback_random: random ops inside a graph (LPIPS's dropout, KL sampling) draw from torch's own
+    generator, as in eager mode, so a compiled run draws the same random numbers as an eager one
+    and its checkpointed RNG state is all that an exact resume needs.
+    Not "reduce-overhead" (CUDA graphs): a graph's outputs live in static buffers that its next
+    call overwrites, and the Heun sampler reads one call's output after the next; nor
+    "max-autotune", whose matmul search lengthens the compile; neither could be measured on this
+    project's machines (no GPU)."""
+    module.compile(dynamic=dynamic, options={"fallback_random": True})
+    return module
+
+
+def compile_generator(model):
+    """--compile for a DiT / SiT / MAR network (train_gen.py, sample.py, evaluate.py throughput).
+    DiT / SiT: static shapes (the sampler calls the network at two batch sizes, see
+    compile_module). MAR: the encoder sees a different number of known tokens and the head a
+    different number of tokens at every generation step and every training step (random mask
+    ratios): dynamic shapes for the network and its head, one graph for every count of two or more
+    (dynamo specialises counts 0 and 1: a graph each), per grad mode."""
+    if model.config.arch == "mar":
+        compile_module(model.head, dynamic=True)
+        return compile_module(model, dynamic=True)
+    return compile_module(model)
+
+
+def force_eager():
+    """Context in which compiled modules run their eager code: the benchmarks of train_tok.py and
+    evaluate.py time eager and compiled code in one run. Needs torch >= 2.6 (set_stance)."""
+    if not hasattr(torch.compiler, "set_stance"):
+        raise UserError(f"timing eager beside compiled code needs torch >= 2.6 (torch.compiler.set_stance); "
+                        f"this is torch {torch.__version__}")
+    return torch.compiler.set_stance("force_eager")
 
 
 # ---- tokenizer checkpoints ----

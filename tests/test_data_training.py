@@ -3,7 +3,7 @@ file (named once, counted as a file), every PIL mode read as 8-bit RGB (16-bit s
 sampling, atomic checkpoints (the previous one kept, verification, kill points inside a write),
 wrong-kind checkpoints, run folders (--resume / --overwrite), log truncation, flag ranges, the
 one-line user errors, config refusal, RNG round trip, EMA, NaN guard, image grids, lr schedule,
-load_tokenizer."""
+load_tokenizer, compile_module with inductor (eager random draws, exact resume)."""
 
 import dataclasses
 import json
@@ -493,3 +493,48 @@ def test_unreadable_images_counts_every_rank_each_file_once(tmp_path):
     assert all(p.exitcode == 0 for p in procs)
     assert out[0] == (1, 3) and out[1] == (3, 3)
     assert training.unreadable_images(SimpleNamespace(skipped=4), torch.device("cpu")) == 4   # one process
+
+
+def test_compile_module_with_inductor_draws_eager_randoms_and_resumes_exactly():
+    """training.compile_module with inductor itself (the CI's one C++ compile, a two-layer net; the
+    stages' compile tests capture graphs only, conftest.py): dropout inside the compiled forward
+    draws from torch's generator as eager dropout does (fallback_random), so three compiled AdamW
+    steps give the eager losses to 1e-6 relative and leave the generator where eager steps leave it;
+    the state_dict keys have no `_orig_mod.`; steps 2-3 rerun from step 1's (weights, AdamW, RNG)
+    state end bit-identical."""
+    import copy
+    import torch._dynamo
+
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(0.5), nn.Linear(32, 1))
+        return net, torch.optim.AdamW(net.parameters(), lr=1e-2)
+
+    def step(net, opt, x):
+        loss = net(x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    x = torch.randn(16, 8)
+    (eager, opt_e), (compiled, opt_c) = make(), make()
+    torch._dynamo.reset()
+    try:
+        training.compile_module(compiled)
+        assert compiled.state_dict().keys() == eager.state_dict().keys()
+        torch.manual_seed(1)
+        losses_e, after_e = [step(eager, opt_e, x) for _ in range(3)], torch.rand(4)
+        torch.manual_seed(1)
+        losses_c = [step(compiled, opt_c, x)]
+        saved = (copy.deepcopy(compiled.state_dict()), copy.deepcopy(opt_c.state_dict()), torch.get_rng_state())
+        losses_c += [step(compiled, opt_c, x) for _ in range(2)]
+        after_c, weights = torch.rand(4), copy.deepcopy(compiled.state_dict())
+        assert losses_c == pytest.approx(losses_e, rel=1e-6) and torch.equal(after_c, after_e)
+        compiled.load_state_dict(saved[0])
+        opt_c.load_state_dict(saved[1])
+        torch.set_rng_state(saved[2])
+        assert [step(compiled, opt_c, x) for _ in range(2)] == losses_c[1:]
+        assert all(torch.equal(v, compiled.state_dict()[k]) for k, v in weights.items())
+    finally:
+        torch._dynamo.reset()

@@ -474,15 +474,21 @@ def test_flops_meta_count_equals_a_real_forward():
     assert real - linear == c.depth * 2 * 64 * 64 * c.width
 
 
-def test_throughput_counts_cfg_forwards(capsys):
+def test_throughput_counts_cfg_forwards(capsys, compile_backend):
+    """Forward rows per image from the guidance interval; with --compile (conftest.py: the
+    backends) three lines per model, eager, compiled (with its compile time) and eager again, with
+    the same rows."""
     E.main(SimpleNamespace(device="cpu", command="throughput", models=["SiT-tiny", "DiT-tiny"], tokens=[64],
-                           batch=2, steps=2, train_steps=1, dtype="fp32"))
-    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+                           batch=2, steps=2, train_steps=1, dtype="fp32", compile=True))
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(row[0], row[4]) for row in lines] == [(m, mode) for m in ("SiT-tiny", "DiT-tiny")
+                                                   for mode in ("eager", "compiled", "eager")]
     # SiT SDE, 2 steps at t = 1 and 0.04: CFG (doubled batch) only inside [0, 0.7] -> 1 + 2 rows
     # DiT DDPM, 2 steps at k = 999 and 0, CFG everywhere -> 2 + 2 rows per image
-    assert rows["SiT-tiny"][6] == "3" and rows["DiT-tiny"][6] == "4"
-    for row in rows.values():
-        assert float(row[4]) > 0 and float(row[5]) > 0 and row[8].endswith("%")
+    for row in lines:
+        assert row[7] == {"SiT-tiny": "3", "DiT-tiny": "4"}[row[0]], row
+        assert float(row[5]) > 0 and float(row[6]) > 0 and float(row[9]) > 0 and row[10].endswith("%")
+        assert row[12] == "-" if row[4] == "eager" else np.isfinite(float(row[12])), row
 
 
 def test_recon_two_process_torchrun_equals_one_process(tiny_ckpt, tmp_path):
