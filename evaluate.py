@@ -811,19 +811,6 @@ def generator_macs(preset, tokens, token_dim):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _peak_memory(device):
-    """Peak memory in bytes: allocated on an accelerator since its last reset, else the process's peak RSS."""
-    if device.type != "cpu":
-        return getattr(torch, device.type).max_memory_allocated(device)
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak_memory(device):
-    if device.type != "cpu":
-        getattr(torch, device.type).reset_peak_memory_stats(device)
-
-
 def time_training(model, batch, steps, device, dtype):
     """Training steps (loss, backward, AdamW) after one warm-up step: {"img_per_s", "warmup_s"
     (the warm-up step's seconds: it compiles a compiled model), "peak_bytes" (of the timed steps)}."""
@@ -838,7 +825,7 @@ def time_training(model, batch, steps, device, dtype):
         if i == 1:                                          # step 0 is the warm-up
             training.synchronize(device)
             warmup, start = time.perf_counter() - start, time.perf_counter()
-            _reset_peak_memory(device)
+            training.reset_peak_memory(device)
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model.loss(x, y)
         opt.zero_grad(set_to_none=True)
@@ -846,7 +833,7 @@ def time_training(model, batch, steps, device, dtype):
         opt.step()
     training.synchronize(device)
     return dict(img_per_s=batch * steps / (time.perf_counter() - start), warmup_s=warmup,
-                peak_bytes=_peak_memory(device))
+                peak_bytes=training.peak_memory(device))
 
 
 def time_sampling(model, batch, steps, device, dtype):
@@ -867,14 +854,14 @@ def time_sampling(model, batch, steps, device, dtype):
             training.synchronize(device)
             warmup = time.perf_counter() - start
             rows.clear()
-            _reset_peak_memory(device)
+            training.reset_peak_memory(device)
             start = time.perf_counter()
             model.sample(y, steps=steps, **cfg)
             training.synchronize(device)
     finally:
         hook.remove()
     return dict(img_per_s=batch / (time.perf_counter() - start), rows=sum(rows) / batch, warmup_s=warmup,
-                peak_bytes=_peak_memory(device))
+                peak_bytes=training.peak_memory(device))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import time
 import warnings
 from contextlib import nullcontext
@@ -774,8 +773,7 @@ def run(args, rank, world, device):
         def measure(n, compiled=False, profile=False):
             """(seconds per iteration, peak memory in bytes) over n iterations; compiled=False runs
             the eager code also after --compile; profile: under torch.profiler (its table is kept)."""
-            if device.type != "cpu":
-                getattr(torch, device.type).reset_peak_memory_stats(device)
+            training.reset_peak_memory(device)
             profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                                ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
                         if profile else nullcontext())
@@ -791,8 +789,7 @@ def run(args, rank, world, device):
                 key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
                 tables.append(("compiled" if compiled else "eager",
                                profiler.key_averages().table(sort_by=key, row_limit=25)))
-            return sec, (getattr(torch, device.type).max_memory_allocated(device) if device.type != "cpu"
-                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # CPU: peak RSS
+            return sec, training.peak_memory(device)
 
         for _ in range(args.benchmark_warmup):
             measure(1)

@@ -24,7 +24,8 @@
   cosine_lr(step, ...)            linear warm-up then cosine decay to a minimum
   load_tokenizer(path, ema=True)  rebuild a SoftVQ-VAE from a train_tok.py checkpoint
   load_models(args)               generator + its tokenizer + latent mean / std (sample.py, evaluate.py)
-  synchronize / device_name / peak_flops   timing helpers of the benchmarks (train_tok, evaluate)
+  synchronize / device_name / peak_flops / reset_peak_memory / peak_memory
+                                  timing and memory helpers of the benchmarks (train_tok, evaluate)
   weights_checksum(*modules)      a number that changes with any weight (output folders record it)
 
 Checkpoints hold only tensors, dicts, lists, tuples, strings and numbers, so they load with
@@ -680,6 +681,21 @@ def synchronize(device):
     """Wait for queued kernels (timing); a no-op on the CPU."""
     if device.type != "cpu":
         getattr(torch, device.type).synchronize(device)
+
+
+def reset_peak_memory(device):
+    """Start a new peak-memory measurement on an accelerator (a CPU's peak RSS cannot be reset)."""
+    if device.type != "cpu":
+        getattr(torch, device.type).reset_peak_memory_stats(device)
+
+
+def peak_memory(device):
+    """Peak memory in bytes: allocated on an accelerator since reset_peak_memory, else the
+    process's peak RSS (on a CPU it cannot separate two measurements of one process)."""
+    if device.type != "cpu":
+        return getattr(torch, device.type).max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_flops(device, dtype):
