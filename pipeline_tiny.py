@@ -107,7 +107,7 @@ def main(args):
     gen = os.path.join(runs, "gen-tiny", "ckpt.pt")
     ev = os.path.join(runs, "eval-tiny")
     os.makedirs(ev, exist_ok=True)
-    timings = []                                          # (stage, seconds), also in timings.txt
+    timings = []                                          # (stage, seconds): the table's time rows
 
     def stage(name, script, *argv):
         argv = [str(a) for a in argv]
@@ -115,8 +115,6 @@ def main(args):
         start = time.perf_counter()
         training.run_script(os.path.join(ROOT, script), argv)
         timings.append((name, time.perf_counter() - start))
-        with open(os.path.join(ev, "timings.txt"), "w") as f:
-            f.writelines(f"{k} {v:.3f}\n" for k, v in timings)
 
     start = time.perf_counter()
     stage("judge", "evaluate.py", "judge-train", "--data-path", "builtin", "--builtin-size", args.judge_images,
