@@ -77,7 +77,7 @@ RECIPES = {
 
 # ---- --preset tiny: a CPU run on the tiny tokenizer's latents of the built-in data ----
 TINY = dict(tokenizer="runs/tiny-16/ckpt.pt", data_path=data.BUILTIN, cache_dir="runs/latents-tiny",
-            out="runs/gen-tiny", model="SiT-tiny", batch_size=64, lr=4e-3, steps=1200, ema=0.99,
+            out="runs/gen-tiny", model="SiT-tiny", batch_size=64, lr=4e-3, steps=1500, ema=0.99,
             log_every=100, ckpt_every=200, builtin_size=2000, num_workers=0, shard_images=500)
 
 # ---- everything else ----

@@ -109,7 +109,7 @@ FULL_DEFAULTS = dict(global_batch=256, iters=250_000, lr=1e-4, min_lr=1e-5, warm
                      lpips_warmup=10_000, disc_start=20_000, ema=0.9999, proj_dim=1024,
                      teacher_patch=16, data_path=None, num_workers=8, log_every=50,
                      vis_every=5000, ckpt_every=5000)
-TINY_DEFAULTS = dict(global_batch=16, iters=1500, lr=0.048, min_lr=1e-4, warmup=100,  # lr: 3e-3 at batch 16
+TINY_DEFAULTS = dict(global_batch=16, iters=2000, lr=0.048, min_lr=1e-4, warmup=100,  # lr: 3e-3 at batch 16
                      lpips_warmup=50, disc_start=100, ema=0.99, proj_dim=64,
                      teacher_patch=4, data_path=data.BUILTIN, num_workers=0, log_every=50,
                      vis_every=500, ckpt_every=500)
