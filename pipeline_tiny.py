@@ -1,6 +1,6 @@
 """The whole tiny pipeline on the built-in data set, on a CPU, no downloads (the README's main command).
 
-  python pipeline_tiny.py                 # about 4 1/2 min on 2 CPU cores
+  python pipeline_tiny.py                 # about 2 min on an idle 2-core CPU (see the README)
   python pipeline_tiny.py --help          # the budgets below, to shrink it (the test suite does)
 
 A driver, not a stage: it runs the stages' own command lines one after the other, each printed
