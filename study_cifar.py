@@ -35,6 +35,12 @@ SoftVQ 16 x 16, which has G = 4, tau = 0.07 and the preset's K, 1024 for tiny): 
 GMMVQ; tau = 0.001, 1.0, learnable; K / 4 and 2 K. Every cell has the same budget, seed 0 (but the seed-1 repeats) and data
 order.
 
+Kept with the tables (committed, so that they outlive the work folder and its machine): every
+finished cell's results as <out>/cells/<cell>.json, and the judge and the teacher with their
+configurations in <out>/study/. A new work folder starts from them: the judge and the teacher are
+restored, not retrained, and a cell whose results are published counts as done. Each cell records
+the SHA-256 of the judge that scored it; one scored by another judge counts as not done.
+
 Resuming: a cell is done when its results.json exists and is then skipped; within a cell every
 finished stage is recorded in stages.json and skipped, and a stage killed half-way continues
 (train_tok / train_gen --resume, sample.py keeps its finished chunks, the teacher from its own
@@ -55,6 +61,7 @@ samples_<q>.png (the cells at L = 8, D = 32). Default <work> runs/study_cifar, <
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -452,13 +459,94 @@ def run_cell(cell, args, paths, recipes):
            "tokenizer_final_log": log[-1] if log else None,
            "recon": read_json(f.file("recon.json")), "probe": read_json(f.file("probe.json")),
            "fd_real": judged["real"]["fd"], "rfd": judged["recon"]["fd"],
-           "recon_class_accuracy": judged["recon"].get("class_accuracy")}
+           "recon_class_accuracy": judged["recon"].get("class_accuracy"), "judge_sha256": sha256(paths["judge"])}
     if cell["generation"]:
         res.update(gfd=judged["samples"]["fd"], sample_class_accuracy=judged["samples"]["class_accuracy"])
     write_json(f.file("results.json"), res)
+    os.makedirs(os.path.join(args.out, "cells"), exist_ok=True)
+    write_json(published(args.out, "cells", cell["name"]), res)      # the copy committed with the tables
     wall = sum(t["wall_s"] for t in f.done.values())
     print(f"[cell {cell['name']}] done in {wall:.0f} s: PSNR {res['recon']['psnr']:.2f} dB, "
           f"rFD {res['rfd']:.2f}" + (f", gFD {res['gfd']:.2f}" if cell["generation"] else ""), flush=True)
+
+
+# =============================================================================================
+# What outlives the work folder: published into <out> and committed with the tables
+# =============================================================================================
+# <work> holds checkpoints and caches (gigabytes, never committed); a session's machine and its
+# <work> may be gone by the next one. So <out> keeps what the tables need and what a later run on
+# another machine must share with the earlier cells: every finished cell's results.json as
+# <out>/cells/<cell>.json, and the judge and the teacher (a few MB) with their configurations in
+# <out>/study/. A new <work> starts from those (the judge and the teacher are restored, not
+# retrained), and every cell records the SHA-256 of the judge that scored it: FDs of two judges
+# live in different feature spaces, so a cell scored by another judge counts as not done.
+def published(out, *names):
+    """<out>/cells/<cell>.json for ("cells", cell), else <out>/study/<names...>."""
+    if names[0] == "cells":
+        return os.path.join(out, "cells", names[1] + ".json")
+    return os.path.join(out, "study", *names)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def current_judge(work, out):
+    """The SHA-256 of the judge new cells are scored with: the work folder's, else the published one."""
+    for path in (os.path.join(work, "judge", "judge.pt"), published(out, "judge", "judge.pt")):
+        if os.path.isfile(path):
+            return sha256(path)
+    return None
+
+
+STUDY_FILES = {"judge": ("judge.pt", "judge-train.json"), "teacher": ("teacher.pt", "probe.json")}
+
+
+def publish(work, out, recipes):
+    """Copy into <out> the results of every cell finished in <work> with the current configuration
+    (with the judge's SHA-256, which results written before it was recorded lack), and the
+    judge and teacher with the configuration they were made with."""
+    judge = os.path.join(work, "judge", "judge.pt")
+    if not os.path.isfile(judge):
+        return
+    config = {"judge": os.path.join(work, "config.json"), "teacher": os.path.join(work, "teacher", "config.json")}
+    for what, names in STUDY_FILES.items():
+        src = [os.path.join(work, what, n) for n in names]
+        if os.path.isfile(config[what]) and all(os.path.isfile(f) for f in src):
+            os.makedirs(published(out, what), exist_ok=True)
+            for f in src + [config[what]]:
+                dst = published(out, what, os.path.basename(f))
+                if not os.path.isfile(dst) or sha256(dst) != sha256(f):
+                    shutil.copyfile(f, dst + ".tmp")
+                    os.replace(dst + ".tmp", dst)
+    judge_sha = sha256(judge)
+    for name, cell in CELLS.items():
+        path = os.path.join(work, name, "results.json")
+        if os.path.isfile(path):
+            r = read_json(path)
+            if r["config"] == cell_config(cell, recipes) and r.setdefault("judge_sha256", judge_sha) == judge_sha:
+                os.makedirs(os.path.join(out, "cells"), exist_ok=True)
+                write_json(published(out, "cells", name), r)
+
+
+def restore(out, what, folder, config):
+    """Copy the published judge or teacher into `folder` when it was made with `config`; True if so."""
+    src = [published(out, what, n) for n in STUDY_FILES[what]]
+    cfg = published(out, what, "config.json")
+    if not (os.path.isfile(cfg) and all(os.path.isfile(f) for f in src)):
+        return False
+    if read_json(cfg) != json.loads(json.dumps(config)):
+        print(f"{cfg}: made with another configuration, not restored")
+        return False
+    os.makedirs(folder, exist_ok=True)
+    for f in src:
+        shutil.copyfile(f, os.path.join(folder, os.path.basename(f)))
+    print(f"{what}: restored from {os.path.dirname(cfg)} (SHA-256 {sha256(src[0])[:12]})")
+    return True
 
 
 # =============================================================================================
@@ -468,19 +556,25 @@ def fmt(v, digits=2):
     return "not yet measured" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def finished(work, recipes):
-    """{cell: results} of the cells finished with the current configuration, and the names of
-    those finished with another one (left out of the tables: their folders must be deleted and
-    the cells run again)."""
+def finished(work, out, recipes):
+    """{cell: results} of the cells finished with the current configuration and judge, and the
+    names of those finished with another one (left out of the tables: their folders must be
+    deleted and the cells run again). A cell's results are <work>/<cell>/results.json or, when
+    the work folder is gone (another machine, a fresh clone), their published copy
+    <out>/cells/<cell>.json."""
+    judge = current_judge(work, out)
     found, stale = {}, []
     for name, cell in CELLS.items():
-        path = os.path.join(work, name, "results.json")
-        if os.path.isfile(path):
-            r = read_json(path)
-            if r["config"] == cell_config(cell, recipes):
-                found[name] = r
-            else:
-                stale.append(name)
+        records = [read_json(p) for p in (os.path.join(work, name, "results.json"), published(out, "cells", name))
+                   if os.path.isfile(p)]
+        if not records:
+            continue
+        match = [r for r in records if r["config"] == cell_config(cell, recipes)
+                 and judge in (None, r.get("judge_sha256", judge))]
+        if match:
+            found[name] = match[0]
+        else:
+            stale.append(name)
     return found, stale
 
 
@@ -512,10 +606,13 @@ FD_NOTE = ("rFD / gFD: Frechet distance of the offline judge's features (evaluat
 
 def write_tables(work, out, recipes):
     os.makedirs(out, exist_ok=True)
-    measured, stale = finished(work, recipes)
+    publish(work, out, recipes)
+    measured, stale = finished(work, out, recipes)
     results = measured.get
-    judge = os.path.join(work, "judge", "judge-train.json")
-    judge_acc = read_json(judge)["held_out_accuracy"] if os.path.isfile(judge) else None
+    study_file = lambda what, name: next((p for p in (os.path.join(work, what, name), published(out, what, name))
+                                          if os.path.isfile(p)), None)
+    judge = study_file("judge", "judge-train.json")
+    judge_acc = read_json(judge)["held_out_accuracy"] if judge else None
     floor = next((r["fd_real"] for r in measured.values()), None)
     recipe = (f"Tokenizer: `train_tok.py {' '.join(flags(recipes['tokenizer']))}` + the cell's flags; generator: "
               f"`train_gen.py {' '.join(flags(recipes['generator']))}`; evaluation budget: "
@@ -559,8 +656,8 @@ def write_tables(work, out, recipes):
     _write(out, "table3", md, table)
 
     # ---- Table 4 ----
-    tp = os.path.join(work, "teacher", "probe.json")
-    teacher = read_json(tp) if os.path.isfile(tp) else {}
+    tp = study_file("teacher", "probe.json")
+    teacher = read_json(tp) if tp else {}
     rows, table = [], []
     for align, name in ((False, "t4-softvq-16x16-noalign"), (True, BASE)):
         o = ours(results(name))
@@ -661,7 +758,7 @@ def main(args):
                "budget": quick(BUDGET, QUICK_BUDGET), "teacher": quick(TEACHER, QUICK_TEACHER)}
     budget = recipes["budget"]
     cells = select(args.cells)
-    measured, stale = finished(args.work, recipes)
+    measured, stale = finished(args.work, args.out, recipes)
     if args.list:
         for c in cells:
             state = "done" if c["name"] in measured else "done with another configuration" if c["name"] in stale \
@@ -682,19 +779,20 @@ def main(args):
         for split, path in paths.items():
             if not os.path.isdir(path):
                 raise training.UserError(f"--data {args.data}: no {split}/ folder (extract cifar10-jpg.tar.gz there)")
-        study = Folder(args.work, {"judge_epochs": budget["judge_epochs"], "judge_batch": budget["judge_batch"],
-                                   "eval_images": budget["eval_images"], "ref_images": budget["ref_images"]}, "study")
+        study_config = {"judge_epochs": budget["judge_epochs"], "judge_batch": budget["judge_batch"],
+                        "eval_images": budget["eval_images"], "ref_images": budget["ref_images"]}
+        study = Folder(args.work, study_config, "study")
         paths.update(judge=study.file("judge", "judge.pt"), reference=study.file("reference.npz"),
                      teacher=study.file("teacher", "teacher.pt"))
-        study.run("judge", lambda: stage(
+        study.run("judge", lambda: restore(args.out, "judge", study.file("judge"), study_config) or stage(
             "evaluate.py", "judge-train", "--data-path", paths["train"], "--val-path", paths["test"],
             "--epochs", budget["judge_epochs"], "--batch-size", budget["judge_batch"],
             "--out", paths["judge"], "--json", study.file("judge", "judge-train.json")))
         study.run("reference", lambda: write_reference(paths["test"], paths["reference"], budget))
         if any(c["align"] for c in todo):
             teacher = Folder(study.file("teacher"), recipes["teacher"], "teacher")
-            teacher.run("teacher", lambda: train_teacher(paths["train"], paths["test"], teacher, recipes["teacher"],
-                                                         budget))
+            teacher.run("teacher", lambda: restore(args.out, "teacher", teacher.path, recipes["teacher"]) or
+                        train_teacher(paths["train"], paths["test"], teacher, recipes["teacher"], budget))
         for c in todo:
             run_cell(c, args, paths, recipes)
     write_tables(args.work, args.out, recipes)

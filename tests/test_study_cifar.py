@@ -91,6 +91,7 @@ def test_second_call_skips_done_cells_and_resumes_an_unfinished_stage(study, cap
 
     # a cell killed after its probe: only the judge stage runs again
     os.remove(work / "t5-g1" / "results.json")
+    os.remove(tmp / "out" / "cells" / "t5-g1.json")                     # published with results.json
     stages = json.load(open(work / "t5-g1" / "stages.json"))
     del stages["judge"]
     json.dump(stages, open(work / "t5-g1" / "stages.json", "w"))
@@ -115,3 +116,38 @@ def test_another_configuration_and_unknown_cells_are_refused(study, capsys):
     assert capsys.readouterr().out.split()[-4:] == ["done", "with", "another", "configuration"]
     assert "delete that folder" in user_error("study_cifar.py", *full, "--cells", "t5-g1")
     assert "matches no cell" in user_error("study_cifar.py", *argv, "--cells", "t9-*")
+
+
+def test_a_new_work_folder_starts_from_what_out_keeps(study, capsys):
+    """<work> is gone (another machine, a fresh clone): the published results keep the cells done,
+    the judge and the teacher are restored instead of retrained, and a cell scored by another
+    judge does not count."""
+    tmp, argv = study
+    out, work2 = tmp / "out", tmp / "work2"
+    argv2 = [str(work2) if a == tmp / "work" else a for a in argv]
+    capsys.readouterr()
+    run_script("study_cifar.py", *argv2, "--cells", "t3-softvq-8x32")
+    log = capsys.readouterr().out
+    assert "[cell t3-softvq-8x32] done: skipped" in log and "$ python" not in log
+    row = next(r for r in json.load(open(out / "table3.json")) if r["cell"] == "t3-softvq-8x32")
+    assert row["psnr"] == json.load(open(out / "cells" / "t3-softvq-8x32.json"))["recon"]["psnr"]
+
+    run_script("study_cifar.py", *argv2, "--cells", "t5-g2")              # a new cell in the new folder
+    log = capsys.readouterr().out
+    assert "judge: restored" in log and "teacher: restored" in log
+    assert "judge-train" not in log and "teacher step" not in log          # neither retrained
+    judge_sha = study_cifar_sha(out / "study" / "judge" / "judge.pt")
+    assert study_cifar_sha(work2 / "judge" / "judge.pt") == judge_sha
+    assert json.load(open(out / "cells" / "t5-g2.json"))["judge_sha256"] == judge_sha
+
+    record = json.load(open(out / "cells" / "t5-g2.json"))
+    record["judge_sha256"] = "0" * 64                                     # scored by another judge
+    json.dump(record, open(out / "cells" / "t5-g2.json", "w"))
+    os.remove(work2 / "t5-g2" / "results.json")
+    run_script("study_cifar.py", *argv2, "--list", "--cells", "t5-g2")
+    assert capsys.readouterr().out.split()[-4:] == ["done", "with", "another", "configuration"]
+
+
+def study_cifar_sha(path):
+    import hashlib
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
