@@ -65,6 +65,22 @@ MASK_RATIO_STD = 0.25       # MAR: truncated normal of mask ratios centred at 1.
 
 ARCHS = ("dit", "sit", "mar")
 SAMPLERS = {"dit": ("ddpm",), "sit": ("sde", "ode-euler", "ode-heun"), "mar": ("ddpm",)}
+
+
+def check_sampling(arch, sampler, temperature=1.0, guidance_interval=(0.0, 1.0)):
+    """Refuse sampling settings that `arch` cannot use, before anything is sampled (ValueError
+    naming the setting; sample.py calls it up front and shows the message as a one-line error):
+    a sampler of another family (SAMPLERS), a temperature with an ODE sampler (the temperature
+    scales injected noise, and ODE samplers inject none) and a guidance interval for MAR (its CFG
+    follows its own linear schedule)."""
+    if sampler not in SAMPLERS[arch]:
+        raise ValueError(f"the {sampler} sampler does not sample {arch.upper()}: its samplers are "
+                         f"{', '.join(SAMPLERS[arch])}")
+    if sampler.startswith("ode") and temperature not in (None, 1.0):
+        raise ValueError(f"temperature {temperature} with the {sampler} sampler: the temperature scales "
+                         "injected noise and ODE samplers inject none (use an SDE sampler)")
+    if arch == "mar" and tuple(guidance_interval) != (0.0, 1.0):
+        raise ValueError("MAR uses its linear CFG schedule; guidance_interval must be (0.0, 1.0)")
 NOISE_SCHEDULES = ("cosine", "linear")
 PATHS = ("cosine", "linear")
 T_SAMPLINGS = ("uniform", "lognormal")
@@ -624,10 +640,7 @@ class DiT(nn.Module):
         """Latents (B, L, D) in the normalised space for labels y (B,); eval mode inside."""
         c = self.config
         sampler = sampler or c.sampler
-        if sampler not in SAMPLERS[c.arch]:
-            raise ValueError(f"sampler for {c.arch} must be one of {SAMPLERS[c.arch]}, got {sampler!r}")
-        if sampler.startswith("ode") and temperature != 1.0:
-            raise ValueError("temperature scales injected noise; the ODE samplers have none")
+        check_sampling(c.arch, sampler, temperature, guidance_interval)
         noise = torch.randn((y.shape[0], c.num_tokens, c.token_dim), generator=generator,
                             device=y.device)
         y_null = torch.full_like(y, c.num_classes)
@@ -766,10 +779,7 @@ class MAR(nn.Module):
         c = self.config
         B, L, D = y.shape[0], c.num_tokens, c.token_dim
         num_iter = steps or L
-        if (sampler or "ddpm") not in SAMPLERS["mar"]:
-            raise ValueError(f"sampler for mar must be one of {SAMPLERS['mar']}, got {sampler!r}")
-        if tuple(guidance_interval) != (0.0, 1.0):
-            raise ValueError("MAR uses its linear CFG schedule; guidance_interval must be (0.0, 1.0)")
+        check_sampling("mar", sampler or "ddpm", temperature, guidance_interval)
         if not 1 <= num_iter <= L:
             raise ValueError(f"MAR steps (num_iter) must be in [1, num_tokens={L}], got {num_iter}")
         was_training = self.training

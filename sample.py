@@ -174,9 +174,10 @@ def run(args, rank, world_size, device):
         training.compile_generator(model)
     c = model.config
     sampler = args.sampler or c.sampler
-    if sampler.startswith("ode") and args.temperature not in (None, 1.0):
-        raise training.UserError(f"--temperature {args.temperature} with the {sampler} sampler: the temperature "
-                                 "scales injected noise and ODE samplers inject none (use an SDE sampler)")
+    try:                                             # before anything is written
+        generators.check_sampling(c.arch, sampler, args.temperature, args.guidance_interval)
+    except ValueError as e:
+        raise training.UserError(f"{args.ckpt}: {e} (--sampler / --temperature / --guidance-interval)") from None
     settings = dict(ckpt=os.path.abspath(args.ckpt), tokenizer=os.path.abspath(tok_path),
                     weights_checksum=checksum,
                     num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,

@@ -116,8 +116,12 @@ def test_sample_refuses_a_temperature_for_an_ode_sampler(tmp_path):
     _, gen = save_pair(tmp_path)
     message = user_error("sample.py", "--ckpt", gen, "--out", tmp_path / "s", "--device", "cpu",
                          "--sampler", "ode-euler", "--temperature", "0.5")
-    assert "--temperature 0.5 with the ode-euler sampler" in message and "SDE" in message
+    assert "temperature 0.5 with the ode-euler sampler" in message and "SDE" in message
     assert not (tmp_path / "s").exists()                  # refused before anything is written
+    # a sampler of another family: a one-line error naming the samplers it has (was a traceback)
+    message = user_error("sample.py", "--ckpt", gen, "--out", tmp_path / "s", "--device", "cpu", "--sampler", "ddpm")
+    assert "the ddpm sampler does not sample SIT" in message and "sde, ode-euler, ode-heun" in message
+    assert not (tmp_path / "s").exists()
 
 
 def test_evaluate_names_image_files_it_cannot_use(tmp_path):
