@@ -363,7 +363,8 @@ def train(args, rank, world_size, device):
         os.makedirs(args.out, exist_ok=True)
     if args.resume:
         ckpt, used = training.resume_checkpoint(ckpt_path, "generator")
-        training.check_config(ckpt["config"], dataclasses.asdict(model.config), f"{used} (generator)")
+        training.check_config(ckpt["config"], dataclasses.asdict(model.config), f"{used} (generator)",
+                              defaults=training.dataclass_defaults(generators.GeneratorConfig))
         saved = {k: v for k, v in ckpt["settings"].items() if k not in RUN_ONLY_FLAGS}
         changed = training.check_config(saved, settings, f"{used} (training)", may_change=RESUMABLE_FLAGS)
         if len(ckpt["rng"]) != world_size:

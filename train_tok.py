@@ -570,7 +570,8 @@ def setup(args, world, device):
                                     what="tokenizer run", flag="--name")
     if args.resume and not args.benchmark:
         ckpt, used = training.resume_checkpoint(ckpt_path, "tokenizer")
-        training.check_config(ckpt["config"], dataclasses.asdict(tok_cfg), f"{used} (tokenizer)")
+        training.check_config(ckpt["config"], dataclasses.asdict(tok_cfg), f"{used} (tokenizer)",
+                              defaults=training.dataclass_defaults(tokenizer.TokenizerConfig))
         saved = {k: v for k, v in ckpt["train_config"].items() if k not in RUN_ONLY_FLAGS}
         changed = training.check_config(saved, train_cfg, f"{used} (training)", may_change=RESUMABLE_FLAGS)
         for key, flag, term, on in (("disc_heads", "--disc-weight", "adversarial", args.disc_weight > 0),

@@ -418,11 +418,16 @@ def set_rng_state(state, device=torch.device("cpu")):
         getattr(torch, device.type).set_rng_state(state["accelerator"], device)
 
 
-def check_config(saved, current, what="checkpoint", may_change=()):
+def check_config(saved, current, what="checkpoint", may_change=(), defaults=None):
     """Raise a UserError if two flat config dicts differ outside `may_change`, naming every
     differing field with both values (one line). Used to refuse resuming (or loading) a checkpoint
-    written by another configuration. Returns the allowed changes, {field: (saved, current)}."""
+    written by another configuration. Returns the allowed changes, {field: (saved, current)}.
+    `defaults` (e.g. dataclass_defaults(TokenizerConfig)): a field added to the code after the
+    checkpoint was written is absent from `saved`; it is accepted when this run keeps its default,
+    which is what the code did before the field existed (new fields keep the old behaviour)."""
     missing = "<absent>"
+    defaults = defaults or {}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved and current.get(k, missing) == v}, **saved}
     diff = {k: (saved.get(k, missing), current.get(k, missing)) for k in sorted(set(saved) | set(current))
             if saved.get(k, missing) != current.get(k, missing)}
     refused = [f"{k} ({what} has {a!r}, this run has {b!r})" for k, (a, b) in diff.items() if k not in may_change]
@@ -430,6 +435,11 @@ def check_config(saved, current, what="checkpoint", may_change=()):
         raise UserError(f"{what} was written with a different configuration; differing fields: "
                         + "; ".join(refused))
     return diff
+
+
+def dataclass_defaults(cls):
+    """{field: default} of a config dataclass (check_config's `defaults`)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def describe_changes(changes):

@@ -94,6 +94,22 @@ def test_readme_command_tiny(tmp_path):
     model = training.load_tokenizer(str(tmp_path / "tiny-64" / "ckpt.pt"))
     assert model.config.image_size == 32
 
+    # a checkpoint written before a config field existed resumes when this run keeps the field's
+    # default (what the code did before), and is refused when it does not
+    ckpt_path = str(tmp_path / "tiny-64" / "ckpt.pt")
+    ckpt = training.load_checkpoint(ckpt_path)
+    assert ckpt["config"]["kl_weight"] == tokenizer.TokenizerConfig.kl_weight and ckpt["config"]["routing_init"]
+    for field in ("kl_weight", "routing_init"):
+        del ckpt["config"][field]
+        training.save_checkpoint(ckpt_path, ckpt)
+        code, out, err = run(["--preset", "tiny", "--iters", "4", "--resume"], tmp_path, check=False)
+        if field == "kl_weight":
+            assert code == 0 and "resumed" in out, err
+            ckpt = training.load_checkpoint(ckpt_path)
+            assert ckpt["step"] == 4 and "kl_weight" in ckpt["config"]
+        else:                                  # absent meant False, the tiny preset has True
+            assert code == 1 and "routing_init (" in err and "<absent>" in err
+
 
 LOSSES = ("loss", "recon", "lpips", "align", "adv", "entropy", "d_loss", "d_hinge", "d_lecam", "d_cr")
 
