@@ -29,7 +29,8 @@ this data but are not comparable with the paper's values, which the tables print
 
 Cells (CELLS below): Table 3: softvq / vq / ae / kl at L x D = 256 (L = 32, 16, 8; 12x compression
 of 32x32x3; D >= 8 since the cosine forms normalise each D-vector), one row at L x D = 64 (8 x 8,
-48x), and the smallest L again with seed 1. Table 4: SoftVQ 16 x 16 without alignment (the
+48x), the smallest L again with seed 1, and a follow-up: SoftVQ and AE at 16 x 16 with twice the
+tokenizer steps (LONGER_QUANTIZERS). Table 4: SoftVQ 16 x 16 without alignment (the
 aligned one is Table 3's cell). Table 5 (reconstruction only; its default cell is Table 3's
 SoftVQ 16 x 16, which has G = 4, tau = 0.07 and the preset's K, 1024 for tiny): G = 1, 2; RQ; R-PQ;
 GMMVQ; tau = 0.001, 1.0, learnable; K / 4 and 2 K. Every cell has the same budget, seed 0 (but the seed-1 repeats) and data
@@ -149,15 +150,18 @@ def make_cells():
     """{name: cell}; a cell: table, quantizer, tokens, token_dim, generation, align, seed, flags."""
     cells = {}
 
-    def add(name, table, quantizer, tokens, token_dim, generation, align=True, seed=0, extra=()):
+    def add(name, table, quantizer, tokens, token_dim, generation, align=True, seed=0, extra=(), iters_scale=1):
         cells[name] = dict(name=name, table=table, quantizer=quantizer, tokens=tokens, token_dim=token_dim,
-                           generation=generation, align=align, seed=seed, flags=list(extra))
+                           generation=generation, align=align, seed=seed, flags=list(extra),
+                           iters_scale=iters_scale)
 
     for L, D in ((32, 8), (16, 16), (8, 32), (8, 8)):        # Table 3: L x D = 256, and one row at 64
         for q in T3_QUANTIZERS:
             add(f"t3-{q}-{L}x{D}", 3, q, L, D, generation=True)
     for q in T3_QUANTIZERS:                                  # the smallest L, second seed
         add(f"t3-{q}-8x32-seed1", 3, q, 8, 32, generation=True, seed=1)
+    for q in LONGER_QUANTIZERS:                              # Table 3's follow-up: twice the tokenizer steps
+        add(f"t3-{q}-16x16-2x", 3, q, 16, 16, generation=True, iters_scale=2)
     add("t4-softvq-16x16-noalign", 4, "softvq", 16, 16, generation=True, align=False)
     for name, quantizer, extra in T5_VARIANTS:
         add(name, 5, quantizer, 16, 16, generation=False, extra=extra)
@@ -165,6 +169,10 @@ def make_cells():
 
 
 T3_QUANTIZERS = ("softvq", "vq", "ae", "kl")
+# The follow-up of Table 3 (README "The CIFAR-10 study"): AE reconstructs and generates better than
+# SoftVQ at this budget; do SoftVQ's latents catch up with twice the tokenizer steps? Both get the
+# same longer budget (no method is tuned more than the other).
+LONGER_QUANTIZERS = ("softvq", "ae")
 BASE = "t3-softvq-16x16"        # Table 4's aligned cell and Table 5's default (G = 4, K_DEFAULT, tau 0.07)
 T5_VARIANTS = [                 # (cell, quantizer, train_tok flags); all at L = 16, D = 16
     ("t5-g1", "softvq", ["--num-codebooks", 1]),
@@ -398,6 +406,8 @@ def cell_config(cell, recipes):
     tok = [*flags(recipes["tokenizer"]), "--tokens", cell["tokens"], "--token-dim", cell["token_dim"],
            "--quantizer", cell["quantizer"], *cell["flags"], "--seed", cell["seed"]]
     tok += [*ALIGN_FLAGS] if cell["align"] else ["--align-weight", 0]
+    if cell["iters_scale"] != 1:                       # the last --iters wins (argparse)
+        tok += ["--iters", recipes["tokenizer"]["--iters"] * cell["iters_scale"]]
     config = {"train_tok": [str(a) for a in tok], "budget": recipes["budget"]}
     if cell["generation"]:
         config["train_gen"] = [*flags(recipes["generator"]), "--seed", str(cell["seed"])]
@@ -646,6 +656,12 @@ def write_tables(work, out, recipes):
                          o["rfd"], o["probe_top1"], o["gfd"], o["sample_class_accuracy"],
                          entry["paper_tokens"] or "-", entry["paper_rfid"] or "-", entry["paper_gfid"] or "-",
                          entry["paper_is"] or "-"])
+    for q in LONGER_QUANTIZERS:                        # the follow-up rows: twice the tokenizer steps
+        name = f"t3-{q}-16x16-2x"
+        o = ours(results(name))
+        table.append({"cell": name, "quantizer": q, "L": 16, "D": 16, "seed": 0, "iters_scale": 2, **o})
+        rows.append([q, "16 x 16, 2x steps", o["psnr"], o["ssim"], o["codebook_usage"], o["rfd"], o["probe_top1"],
+                     o["gfd"], o["sample_class_accuracy"], "-", "-", "-", "-"])
     md = ("# Table 3 at CIFAR-10 scale: quantizers across latent sizes\n\n"
           "Ours: 32 px, L x D = 256 (one row at 64), SiT-tiny without CFG. Paper: ImageNet 256 px, "
           "S tokenizers, SiT-L without CFG, at the token count with the same ratio to its smallest "
