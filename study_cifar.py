@@ -519,21 +519,29 @@ STUDY_FILES = {"judge": ("judge.pt", "judge-train.json"), "teacher": ("teacher.p
 def publish(work, out, recipes):
     """Copy into <out> the results of every cell finished in <work> with the current configuration
     (with the judge's SHA-256, which results written before it was recorded lack), and the
-    judge and teacher with the configuration they were made with."""
+    judge and teacher with the configuration they were made with. A published judge or teacher
+    is never replaced by another one: the cells it scored would drop out of the tables."""
     judge = os.path.join(work, "judge", "judge.pt")
     if not os.path.isfile(judge):
         return
+    judge_sha = sha256(judge)
     config = {"judge": os.path.join(work, "config.json"), "teacher": os.path.join(work, "teacher", "config.json")}
     for what, names in STUDY_FILES.items():
         src = [os.path.join(work, what, n) for n in names]
-        if os.path.isfile(config[what]) and all(os.path.isfile(f) for f in src):
-            os.makedirs(published(out, what), exist_ok=True)
-            for f in src + [config[what]]:
-                dst = published(out, what, os.path.basename(f))
-                if not os.path.isfile(dst) or sha256(dst) != sha256(f):
-                    shutil.copyfile(f, dst + ".tmp")
-                    os.replace(dst + ".tmp", dst)
-    judge_sha = sha256(judge)
+        if not (os.path.isfile(config[what]) and all(os.path.isfile(f) for f in src)):
+            continue
+        if os.path.isfile(published(out, what, names[0])):
+            if sha256(published(out, what, names[0])) != sha256(src[0]):
+                print(f"not published: {published(out, what)} holds another {what} than {work} (delete it to "
+                      f"publish this one; what the published one made stays)")
+                if what == "judge":
+                    return                             # these cells were scored by another judge
+            continue
+        os.makedirs(published(out, what), exist_ok=True)
+        for f in src + [config[what]]:
+            dst = published(out, what, os.path.basename(f))
+            shutil.copyfile(f, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
     for name, cell in CELLS.items():
         path = os.path.join(work, name, "results.json")
         if os.path.isfile(path):

@@ -147,6 +147,13 @@ def test_a_new_work_folder_starts_from_what_out_keeps(study, capsys):
     run_script("study_cifar.py", *argv2, "--list", "--cells", "t5-g2")
     assert capsys.readouterr().out.split()[-4:] == ["done", "with", "another", "configuration"]
 
+    # a work folder with another judge never replaces the published one
+    with open(work2 / "judge" / "judge.pt", "ab") as f:
+        f.write(b"another judge")
+    run_script("study_cifar.py", *argv2, "--tables-only")
+    assert "not published" in capsys.readouterr().out
+    assert study_cifar_sha(out / "study" / "judge" / "judge.pt") == judge_sha
+
 
 def study_cifar_sha(path):
     import hashlib
