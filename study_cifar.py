@@ -599,9 +599,13 @@ def finished(work, out, recipes):
 def ours(r):
     """The numbers of one cell (None where not measured)."""
     get = lambda *keys: None if r is None else _dig(r, keys)
-    return {"psnr": get("recon", "psnr"), "ssim": get("recon", "ssim"), "codebook_usage": get("recon", "codebook_usage"),
-            "rfd": get("rfd"), "probe_top1": get("probe", "top1"), "gfd": get("gfd"),
-            "sample_class_accuracy": get("sample_class_accuracy")}
+    o = {"psnr": get("recon", "psnr"), "ssim": get("recon", "ssim"), "codebook_usage": get("recon", "codebook_usage"),
+         "rfd": get("rfd"), "probe_top1": get("probe", "top1"), "gfd": get("gfd"),
+         "sample_class_accuracy": get("sample_class_accuracy")}
+    # what generating the latents costs beyond what decoding them costs: samples can be no better
+    # than the decoder's reconstructions, so gFD - rFD is the part the generator adds
+    o["gen_cost"] = None if o["gfd"] is None else o["gfd"] - o["rfd"]
+    return o
 
 
 def _dig(d, keys):
@@ -619,7 +623,9 @@ def markdown(header, rows):
 
 FD_NOTE = ("rFD / gFD: Frechet distance of the offline judge's features (evaluate.py judge; a small "
            "classifier trained on CIFAR-10 train) of reconstructions / samples against held-out test "
-           "images, not Inception FID: compare rows with each other, not with the paper's numbers.")
+           "images, not Inception FID: compare rows with each other, not with the paper's numbers. "
+           "gFD - rFD: what generating the latents adds beyond decoding them (samples can be no better "
+           "than the decoder's reconstructions).")
 
 
 def write_tables(work, out, recipes):
@@ -660,22 +666,25 @@ def write_tables(work, out, recipes):
                      "paper_tokens": PAPER_TOKENS[L] if paper else None,
                      "paper_rfid": paper and paper[0], "paper_gfid": paper and paper[1], "paper_is": paper and paper[2]}
             table.append(entry)
-            rows.append([q, f"{L} x {D}" + (" (seed 1)" if seed else ""), o["psnr"], o["ssim"], o["codebook_usage"],
-                         o["rfd"], o["probe_top1"], o["gfd"], o["sample_class_accuracy"],
+            usage = o["codebook_usage"] if q in ("softvq", "vq") else "-"      # AE / KL have no codebook
+            rows.append([q, f"{L} x {D}" + (" (seed 1)" if seed else ""), o["psnr"], o["ssim"], usage,
+                         o["rfd"], o["probe_top1"], o["gfd"], o["gen_cost"], o["sample_class_accuracy"],
                          entry["paper_tokens"] or "-", entry["paper_rfid"] or "-", entry["paper_gfid"] or "-",
                          entry["paper_is"] or "-"])
     for q in LONGER_QUANTIZERS:                        # the follow-up rows: twice the tokenizer steps
         name = f"t3-{q}-16x16-2x"
         o = ours(results(name))
         table.append({"cell": name, "quantizer": q, "L": 16, "D": 16, "seed": 0, "iters_scale": 2, **o})
-        rows.append([q, "16 x 16, 2x steps", o["psnr"], o["ssim"], o["codebook_usage"], o["rfd"], o["probe_top1"],
-                     o["gfd"], o["sample_class_accuracy"], "-", "-", "-", "-"])
+        rows.append([q, "16 x 16, 2x steps", o["psnr"], o["ssim"], o["codebook_usage"] if q == "softvq" else "-",
+                     o["rfd"], o["probe_top1"],
+                     o["gfd"], o["gen_cost"], o["sample_class_accuracy"], "-", "-", "-", "-"])
     md = ("# Table 3 at CIFAR-10 scale: quantizers across latent sizes\n\n"
           "Ours: 32 px, L x D = 256 (one row at 64), SiT-tiny without CFG. Paper: ImageNet 256 px, "
           "S tokenizers, SiT-L without CFG, at the token count with the same ratio to its smallest "
           "(our L = 8 / 16 / 32 beside its 32 / 64 / 128); the paper has no KL-S row.\n\n"
           + markdown(["quantizer", "L x D", "PSNR (dB)", "SSIM", "codebook usage", "rFD", "linear probe (%)",
-                      "gFD", "sample class acc. (%)", "paper tokens", "paper rFID", "paper gFID", "paper IS"], rows)
+                      "gFD", "gFD - rFD", "sample class acc. (%)", "paper tokens", "paper rFID", "paper gFID",
+                      "paper IS"], rows)
           + timing(r["cell"] for r in table) + "\n" + common)
     _write(out, "table3", md, table)
 
