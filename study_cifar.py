@@ -33,7 +33,8 @@ of 32x32x3; D >= 8 since the cosine forms normalise each D-vector), one row at L
 tokenizer steps (LONGER_QUANTIZERS). Table 4: SoftVQ 16 x 16 without alignment (the
 aligned one is Table 3's cell). Table 5 (reconstruction only; its default cell is Table 3's
 SoftVQ 16 x 16, which has G = 4, tau = 0.07 and the preset's K, 1024 for tiny): G = 1, 2; RQ; R-PQ;
-GMMVQ; tau = 0.001, 1.0, learnable; K / 4 and 2 K. Every cell has the same budget, seed 0 (but the seed-1 repeats) and data
+GMMVQ; tau = 0.001, 1.0, learnable; K / 4 and 2 K; and, not in the paper, the entropy term off.
+Every cell has the same budget, seed 0 (but the seed-1 repeats) and data
 order.
 
 Kept with the tables (committed, so that they outlive the work folder and its machine): every
@@ -185,6 +186,9 @@ T5_VARIANTS = [                 # (cell, quantizer, train_tok flags); all at L =
     ("t5-taulearn", "softvq", ["--tau", "learnable"]),
     (f"t5-k{K_DEFAULT // 4}", "softvq", ["--codebook-size", K_DEFAULT // 4]),
     (f"t5-k{K_DEFAULT * 2}", "softvq", ["--codebook-size", K_DEFAULT * 2]),
+    # not in the paper's Table 5: the entropy term off (lambda_4 = 0), a follow-up of Table 3
+    # (does the term's push towards confident, VQ-like assignments cost SoftVQ reconstruction?)
+    ("t5-noentropy", "softvq", ["--entropy-weight", 0]),
 ]
 CELLS = make_cells()
 
@@ -208,7 +212,8 @@ T5_ROWS = [("variant", "SoftVQ (G = 1)", "t5-g1", 1.33), ("variant", "+ PQ (G = 
            ("K", f"{K_DEFAULT}, default (paper 8192)", BASE, 1.03),
            ("K", f"{K_DEFAULT * 2} (paper 16384)", f"t5-k{K_DEFAULT * 2}", 1.23),
            ("tau", "0.001", "t5-tau0.001", 2.03), ("tau", "0.07, default", BASE, 1.03),
-           ("tau", "1.0", "t5-tau1.0", 1.52), ("tau", "learnable", "t5-taulearn", 1.10)]
+           ("tau", "1.0", "t5-tau1.0", 1.52), ("tau", "learnable", "t5-taulearn", 1.10),
+           ("entropy", "lambda_4 = 0.01, default", BASE, 1.03), ("entropy", "lambda_4 = 0 (not in the paper)", "t5-noentropy", "-")]
 
 
 # ---- small helpers ----

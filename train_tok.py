@@ -126,9 +126,9 @@ RESUMABLE_FLAGS = {"lr", "min_lr", "warmup", "iters", "grad_clip", "lpips_weight
                    "disc_weight", "disc_start", "cr_weight", "lecam_weight", "align_weight"}
 # Flags that override a TokenizerConfig field of the preset's quantizer (Table 5 ablations); None
 # keeps the preset's value. --tau is a number > 0 or "learnable".
-QUANTIZER_FLAGS = ("codebook_size", "num_codebooks", "residual_depth", "tau")
+QUANTIZER_FLAGS = ("codebook_size", "num_codebooks", "residual_depth", "tau", "entropy_weight")
 # Allowed range of every numeric flag (training.check_flags), checked before anything is built.
-FLAG_RANGES = {"image_size": "> 0", "tokens": "> 0", "token_dim": "> 0", "codebook_size": "> 0",
+FLAG_RANGES = {"image_size": "> 0", "tokens": "> 0", "token_dim": "> 0", "codebook_size": "> 0", "entropy_weight": ">= 0",
                "num_codebooks": "> 0", "residual_depth": "> 0", "builtin_size": "> 0", "num_workers": ">= 0", "global_batch": "> 0",
                "micro_batch": "> 0", "iters": "> 0", "lr": "> 0", "min_lr": ">= 0", "warmup": ">= 0",
                "weight_decay": ">= 0", "beta1": "in [0, 1)", "beta2": "in [0, 1)", "grad_clip": ">= 0",
@@ -573,7 +573,10 @@ def setup(args, world, device):
         training.check_config(ckpt["config"], dataclasses.asdict(tok_cfg), f"{used} (tokenizer)",
                               defaults=training.dataclass_defaults(tokenizer.TokenizerConfig))
         saved = {k: v for k, v in ckpt["train_config"].items() if k not in RUN_ONLY_FLAGS}
-        changed = training.check_config(saved, train_cfg, f"{used} (training)", may_change=RESUMABLE_FLAGS)
+        # a quantizer flag added since the checkpoint was written is absent from it; unset (None),
+        # it keeps the preset's value, as the code did before the flag existed
+        changed = training.check_config(saved, train_cfg, f"{used} (training)", may_change=RESUMABLE_FLAGS,
+                                        defaults={k: None for k in QUANTIZER_FLAGS})
         for key, flag, term, on in (("disc_heads", "--disc-weight", "adversarial", args.disc_weight > 0),
                                     ("projector", "--align-weight", "alignment", args.align_weight > 0)):
             had = ckpt[key] is not None                  # these terms carry trained state
@@ -981,6 +984,8 @@ if __name__ == "__main__":
                    help="residual quantization levels (Table 5 RQ, R-PQ with G > 1; default 1: no RQ)")
     p.add_argument("--tau", default=None,
                    help="SoftVQ softmax temperature, a number or 'learnable' (Eq. 4, Table 5; default 0.07)")
+    p.add_argument("--entropy-weight", type=float, default=None,
+                   help="lambda_4 of the SoftVQ / GMMVQ entropy term (Eq. 4 and 7; default 0.01; 0: off)")
     p.add_argument("--image-size", type=int, default=None, help="resolution (default: the preset's, 256)")
     p.add_argument("--encoder-init", default="auto",
                    help="DINOv2 .pth for the encoder (Sec. 4); auto: dinov2_vit{s,b,l}14_pretrain.pth of "

@@ -761,3 +761,10 @@ def test_quantizer_flags_reach_the_model_and_bad_values_are_refused(tmp_path):
     assert "--tau must be a number > 0" in user_error("train_tok.py", *common, "--tau", 0)
     assert "--codebook-size must be > 0" in user_error("train_tok.py", *common, "--codebook-size", 0)
     assert "--num-codebooks 3" in user_error("train_tok.py", *common, "--num-codebooks", 3)   # 3 does not divide L = 8
+    # --entropy-weight (lambda_4): 0 turns the entropy term off, in the config and in the log
+    assert cfg["entropy_weight"] == tokenizer.TokenizerConfig.entropy_weight
+    assert "entropy" in json.loads(open(tmp_path / "fixed" / "log.jsonl").readline())
+    run_script("train_tok.py", *common, "--name", "noent", "--entropy-weight", 0)
+    assert training.load_checkpoint(str(tmp_path / "noent" / "ckpt.pt"))["config"]["entropy_weight"] == 0
+    assert "entropy" not in json.loads(open(tmp_path / "noent" / "log.jsonl").readline())
+    assert "--entropy-weight must be >= 0" in user_error("train_tok.py", *common, "--entropy-weight", -1)
