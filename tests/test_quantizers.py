@@ -244,17 +244,21 @@ def test_default_matches_official_layout():
     assert [n for n, _ in q.named_parameters()] == ["embedding"]
 
 
-def test_codebook_init_is_normalised_for_the_cosine_posterior():
-    """Official softvq.py: uniform(-1/K, 1/K), then L2-normalised at init (l2_norm). Only the
-    posterior that normalises the codebook gets it; the Euclidean forms (and GMMVQ) keep the raw
-    uniform init."""
+def test_codebook_init_is_normalised_for_every_posterior():
+    """Official softvq.py: uniform(-1/K, 1/K), then L2-normalised at init (l2_norm). The
+    Euclidean forms and GMMVQ start from unit-norm codewords too: at the raw norm ~1/K every
+    codeword is equally far from z_hat, and the posterior is uniform whatever z_hat is."""
     torch.manual_seed(0)
     q = SoftVQ(32, 64)
     assert torch.allclose(q.embedding.norm(dim=-1), torch.ones(4, 8192), atol=1e-5)
     assert q.embedding.std() > 0.1                           # directions still random, not equal
-    for raw in (SoftVQ(D, L, codebook_size=K, posterior="sqeuclid"),
-                SoftVQ(D, L, codebook_size=K, posterior="euclid"), GMMVQ(D, L, codebook_size=K)):
-        assert raw.embedding.abs().max() <= 1 / K
+    z_hat = F.normalize(_z().detach(), dim=-1)
+    for q in (SoftVQ(D, L, codebook_size=K, posterior="sqeuclid"),
+              SoftVQ(D, L, codebook_size=K, posterior="euclid"), GMMVQ(D, L, codebook_size=K)):
+        assert torch.allclose(q.embedding.norm(dim=-1), torch.ones_like(q.embedding[..., 0]), atol=1e-5)
+        # the posterior depends on z_hat at init: its max probability is well above uniform
+        _, probs, _ = q.assign(z_hat)
+        assert probs.amax(-1).mean() > 5 / K, type(q).__name__
 
 
 def test_entropy_term_matches_hand_computation_with_official_offset():
