@@ -108,13 +108,13 @@ TOKENIZER_RECIPE = {
 QUICK_TOKENIZER = {"--batch": 4, "--iters": 2, "--warmup": 1}    # --quick
 
 # ---- generator and evaluation budget (the same for every cell) ----
-# Sized from one measured cell (t3-softvq-16x16, 2-core machine shared with other jobs, 1 thread):
-# 0.11 s per generator step, ~180 s for the rest of a generation cell (the latent cache of 2 x 50K
-# encodes ~140 s of it), and ~0.17 s per tokenizer step at batch 16 with alignment (0.15 s
-# without). 2400 + 1200 steps: ~720 s a generation cell, the Table 3 core (12 cells) in ~2.4 h,
-# the whole study (and the judge and teacher, ~30 min) in ~6 h.
-# batch, lr, EMA and steps of train_gen.py --preset tiny (an EMA of 0.999 would still hold 30% of
-# the initial weights after 1200 steps)
+# Sized from one measured cell on a slower, shared machine (t3-softvq-16x16, 1 thread): 0.11 s per
+# generator step, ~180 s for the rest of a generation cell, ~0.17 s per aligned tokenizer step at
+# batch 16; 2400 + 1200 steps: ~720 s a generation cell. Measured over the whole study since (2-core
+# AMD EPYC, one thread per process, two or three processes side by side): ~350 CPU-s a generation
+# cell (tokenizer ~220, latent cache ~80, generator ~30, the rest ~20), ~240 a reconstruction cell.
+# The generator's batch, lr and EMA are train_gen.py --preset tiny's (an EMA of 0.999 would still
+# hold 30% of the initial weights after 1200 steps); its steps are the tiny preset's earlier 1200.
 GEN_RECIPE = {"--model": "SiT-tiny", "--batch-size": 64, "--lr": 4e-3, "--ema": 0.99, "--steps": 1200}
 QUICK_GEN = {"--batch-size": 4, "--steps": 2}
 BUDGET = dict(
