@@ -518,12 +518,16 @@ def sha256(path):
     return h.hexdigest()
 
 
+def study_file(work, out, what, name):
+    """A file of the judge or a teacher: the work folder's, else the published one (None if neither)."""
+    return next((p for p in (os.path.join(work, what, name), published(out, what, name)) if os.path.isfile(p)),
+                None)
+
+
 def current_judge(work, out):
     """The SHA-256 of the judge new cells are scored with: the work folder's, else the published one."""
-    for path in (os.path.join(work, "judge", "judge.pt"), published(out, "judge", "judge.pt")):
-        if os.path.isfile(path):
-            return sha256(path)
-    return None
+    path = study_file(work, out, "judge", "judge.pt")
+    return sha256(path) if path else None
 
 
 STUDY_FILES = {"judge": ("judge.pt", "judge-train.json"), **{t: ("teacher.pt", "probe.json") for t in TEACHERS}}
@@ -646,9 +650,7 @@ def write_tables(work, out, recipes):
     publish(work, out, recipes)
     measured, stale = finished(work, out, recipes)
     results = measured.get
-    study_file = lambda what, name: next((p for p in (os.path.join(work, what, name), published(out, what, name))
-                                          if os.path.isfile(p)), None)
-    judge = study_file("judge", "judge-train.json")
+    judge = study_file(work, out, "judge", "judge-train.json")
     judge_acc = read_json(judge)["held_out_accuracy"] if judge else None
     floor = next((r["fd_real"] for r in measured.values()), None)
     recipe = (f"Tokenizer: `train_tok.py {' '.join(flags(recipes['tokenizer']))}` + the cell's flags; generator: "
@@ -670,6 +672,12 @@ def write_tables(work, out, recipes):
 
     # ---- Table 3 ----
     rows, table = [], []
+
+    def t3_row(q, label, o, paper=("-", "-", "-", "-")):
+        usage = o["codebook_usage"] if q in ("softvq", "vq") else "-"      # AE / KL have no codebook
+        return [q, label, o["psnr"], o["ssim"], usage, o["rfd"], o["probe_top1"], o["gfd"], o["gen_cost"],
+                o["sample_class_accuracy"], *paper]
+
     for q in T3_QUANTIZERS:
         for L, D, seed in ((32, 8, 0), (16, 16, 0), (8, 32, 0), (8, 32, 1), (8, 8, 0)):
             name = f"t3-{q}-{L}x{D}" + ("-seed1" if seed else "")
@@ -679,18 +687,13 @@ def write_tables(work, out, recipes):
                      "paper_tokens": PAPER_TOKENS[L] if paper else None,
                      "paper_rfid": paper and paper[0], "paper_gfid": paper and paper[1], "paper_is": paper and paper[2]}
             table.append(entry)
-            usage = o["codebook_usage"] if q in ("softvq", "vq") else "-"      # AE / KL have no codebook
-            rows.append([q, f"{L} x {D}" + (" (seed 1)" if seed else ""), o["psnr"], o["ssim"], usage,
-                         o["rfd"], o["probe_top1"], o["gfd"], o["gen_cost"], o["sample_class_accuracy"],
-                         entry["paper_tokens"] or "-", entry["paper_rfid"] or "-", entry["paper_gfid"] or "-",
-                         entry["paper_is"] or "-"])
+            rows.append(t3_row(q, f"{L} x {D}" + (" (seed 1)" if seed else ""), o,
+                               [entry[k] or "-" for k in ("paper_tokens", "paper_rfid", "paper_gfid", "paper_is")]))
     for q in LONGER_QUANTIZERS:                        # the follow-up rows: twice the tokenizer steps
         name = f"t3-{q}-16x16-2x"
         o = ours(results(name))
         table.append({"cell": name, "quantizer": q, "L": 16, "D": 16, "seed": 0, "iters_scale": 2, **o})
-        rows.append([q, "16 x 16, 2x steps", o["psnr"], o["ssim"], o["codebook_usage"] if q == "softvq" else "-",
-                     o["rfd"], o["probe_top1"],
-                     o["gfd"], o["gen_cost"], o["sample_class_accuracy"], "-", "-", "-", "-"])
+        rows.append(t3_row(q, "16 x 16, 2x steps", o))
     md = ("# Table 3 at CIFAR-10 scale: quantizers across latent sizes\n\n"
           "Ours: 32 px, L x D = 256 (one row at 64), SiT-tiny without CFG. Paper: ImageNet 256 px, "
           "S tokenizers, SiT-L without CFG, at the token count with the same ratio to its smallest "
@@ -704,7 +707,7 @@ def write_tables(work, out, recipes):
     # ---- Table 4 ----
     probes = {}
     for t in TEACHERS:
-        tp = study_file(t, "probe.json")
+        tp = study_file(work, out, t, "probe.json")
         probes[t] = read_json(tp) if tp else {}
     teacher = probes["teacher"]
     rows, table = [], []

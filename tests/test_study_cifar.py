@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import study_cifar
 import tokenizer
 import training
 from conftest import run_script, user_error
@@ -136,8 +137,8 @@ def test_a_new_work_folder_starts_from_what_out_keeps(study, capsys):
     log = capsys.readouterr().out
     assert "judge: restored" in log and "teacher: restored" in log
     assert "judge-train" not in log and "teacher step" not in log          # neither retrained
-    judge_sha = study_cifar_sha(out / "study" / "judge" / "judge.pt")
-    assert study_cifar_sha(work2 / "judge" / "judge.pt") == judge_sha
+    judge_sha = study_cifar.sha256(out / "study" / "judge" / "judge.pt")
+    assert study_cifar.sha256(work2 / "judge" / "judge.pt") == judge_sha
     assert json.load(open(out / "cells" / "t5-g2.json"))["judge_sha256"] == judge_sha
 
     record = json.load(open(out / "cells" / "t5-g2.json"))
@@ -152,9 +153,5 @@ def test_a_new_work_folder_starts_from_what_out_keeps(study, capsys):
         f.write(b"another judge")
     run_script("study_cifar.py", *argv2, "--tables-only")
     assert "not published" in capsys.readouterr().out
-    assert study_cifar_sha(out / "study" / "judge" / "judge.pt") == judge_sha
+    assert study_cifar.sha256(out / "study" / "judge" / "judge.pt") == judge_sha
 
-
-def study_cifar_sha(path):
-    import hashlib
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
