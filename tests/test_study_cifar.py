@@ -154,4 +154,3 @@ def test_a_new_work_folder_starts_from_what_out_keeps(study, capsys):
     run_script("study_cifar.py", *argv2, "--tables-only")
     assert "not published" in capsys.readouterr().out
     assert study_cifar.sha256(out / "study" / "judge" / "judge.pt") == judge_sha
-
